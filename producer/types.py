@@ -1,0 +1,354 @@
+"""The wire contract: every record that crosses a process boundary.
+
+All three packages import this module; it imports only msgspec. Records evolve
+by msgspec's schema-evolution rules: a new field gets a default and goes last,
+no field is ever reordered, renamed or retyped. Nothing here is ever pickled.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import re
+from typing import Any, Literal
+
+import msgspec
+
+__all__ = [
+    "CheckpointEvent",
+    "Choice",
+    "ChoiceMessage",
+    "ExceptionInfo",
+    "JobStatus",
+    "LocalTrainResult",
+    "ModelRef",
+    "QueueTrainResult",
+    "TrainConfig",
+    "TrainRequest",
+    "TrainResult",
+    "Trajectory",
+    "TrajectoryGroup",
+    "validate_groups",
+    "validate_name",
+]
+
+_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_INFERENCE_NAME_RE = re.compile(r"(?P<name>[A-Za-z0-9._-]{1,64})@(?P<step>\d+)")
+
+
+def validate_name(value: str, what: str = "name") -> str:
+    """Return ``value`` if it is a safe model or project name, else raise ``ValueError``.
+
+    Names become folder names under the checkpoint root and Redis key parts, so
+    they are 1-64 of ``[A-Za-z0-9._-]`` and may not start with ``.`` (which
+    rules out ``.`` and ``..``).
+    """
+    if not isinstance(value, str) or not _NAME_RE.fullmatch(value) or value.startswith("."):
+        raise ValueError(
+            f"invalid {what} {value!r}: use 1-64 characters of [A-Za-z0-9._-], not starting with '.'"
+        )
+    return value
+
+
+def parse_inference_name(inference_name: str) -> tuple[str, int] | None:
+    """Split ``name@step`` into ``(name, step)``; ``None`` if it is not of that form."""
+    match = _INFERENCE_NAME_RE.fullmatch(inference_name or "")
+    if match is None:
+        return None
+    return match["name"], int(match["step"])
+
+
+# --------------------------------------------------------------------------- data
+
+
+class ChoiceMessage(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """The assistant message a sampler produced (OpenAI shape)."""
+
+    content: str | None = None
+    role: str = "assistant"
+    tool_calls: list[dict[str, Any]] | None = None
+
+
+class Choice(msgspec.Struct, kw_only=True, array_like=True, tag="choice"):
+    """One sampled assistant turn, exactly as the sampler produced it.
+
+    Invariant: ``len(token_ids) == len(logprobs)``; ``logprobs[i]`` is the
+    sampler's log-probability of ``token_ids[i]``. The trainer uses these token
+    ids verbatim and never re-tokenizes ``message``.
+
+    Encoded as a tagged array so that it can share a list with plain chat
+    message dicts (which encode as maps) in ``Trajectory.messages_and_choices``.
+    """
+
+    token_ids: list[int]
+    logprobs: list[float]
+    message: ChoiceMessage = msgspec.field(default_factory=ChoiceMessage)
+    finish_reason: str | None = None
+    # The step of the adapter that sampled this turn (from ``name@step``), if known.
+    sampled_step: int | None = None
+
+    @classmethod
+    def from_openai(cls, choice: Any, inference_name: str | None = None) -> Choice:
+        """Convert an ``openai`` chat choice sampled with logprobs and token ids.
+
+        ``choice`` is a ``ChatCompletion`` (its first choice is used, and its
+        ``model`` gives the sampled step) or one of its ``choices``; pass
+        ``inference_name`` (``name@step``) with a bare choice to record the
+        step. The request must ask vLLM for ``logprobs=True`` and
+        ``extra_body={"return_tokens_as_token_ids": True}``.
+        """
+        from producer._openai import choice_from_openai  # keeps openai off the import path
+
+        return choice_from_openai(cls, choice, inference_name)
+
+
+class ExceptionInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A rollout that raised instead of producing a trajectory."""
+
+    type: str
+    message: str = ""
+    traceback: str = ""
+
+
+MessageOrChoice = dict[str, Any] | Choice
+
+
+class Trajectory(msgspec.Struct):
+    """One rollout: the conversation (chat message dicts and sampled ``Choice`` s) and its reward."""
+
+    messages_and_choices: list[MessageOrChoice]
+    reward: float = 0.0
+    metrics: dict[str, float] = msgspec.field(default_factory=dict)
+    metadata: dict[str, Any] = msgspec.field(default_factory=dict)
+    tools: list[dict[str, Any]] | None = None
+    logs: list[str] = msgspec.field(default_factory=list)
+
+    def choices(self) -> list[Choice]:
+        """The sampled turns, in order."""
+        return [item for item in self.messages_and_choices if isinstance(item, Choice)]
+
+
+class TrajectoryGroup(msgspec.Struct):
+    """Trajectories of one prompt, compared with each other for advantages.
+
+    ``sampled_step`` is the adapter step the group was sampled at; when left
+    ``None`` it is derived from the choices' ``sampled_step`` (the oldest one).
+    """
+
+    trajectories: list[Trajectory]
+    exceptions: list[ExceptionInfo] = msgspec.field(default_factory=list)
+    metadata: dict[str, Any] = msgspec.field(default_factory=dict)
+    sampled_step: int | None = None
+
+    def effective_sampled_step(self) -> int | None:
+        """``sampled_step`` if set, else the oldest step any of its choices was sampled at."""
+        if self.sampled_step is not None:
+            return self.sampled_step
+        steps = [
+            c.sampled_step for t in self.trajectories for c in t.choices() if c.sampled_step is not None
+        ]
+        return min(steps) if steps else None
+
+
+# ------------------------------------------------------------------------- config
+
+
+ImportanceSamplingLevel = Literal["token", "sequence"]
+
+
+class TrainConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """How one train step is run. Every field is a keyword of ``backend.train``."""
+
+    learning_rate: float = 5e-6
+    """AdamW learning rate of the LoRA parameters; > 0."""
+    beta: float = 0.0
+    """Weight of the k3 KL penalty to the base model (adapter disabled); >= 0, 0 skips it."""
+    ppo: bool = False
+    """PPO clipped surrogate when true; CISPO-style clipped-weight policy gradient otherwise."""
+    epsilon: float | None = None
+    """Lower clip range; default 0.2 for PPO, unused lower bound for CISPO."""
+    epsilon_high: float | None = None
+    """Upper clip range; defaults to ``epsilon`` for PPO and 0.28 ... 5.0 for CISPO (see loss)."""
+    scale_rewards: bool = True
+    """Divide group-relative advantages by the group's reward std (+1e-6)."""
+    importance_sampling_level: ImportanceSamplingLevel = "token"
+    """Importance ratio per token, or one per sequence (geometric mean, GSPO-style)."""
+    max_staleness: int | None = None
+    """Drop groups sampled more than this many steps before the latest; None keeps all."""
+    allow_training_without_logprobs: bool = False
+    """Accept choices without sampler logprobs, using the trainer's own (ratio 1)."""
+
+    def __post_init__(self) -> None:
+        _check(math.isfinite(self.learning_rate) and self.learning_rate > 0, "learning_rate", "a finite number > 0", self.learning_rate)
+        _check(math.isfinite(self.beta) and self.beta >= 0, "beta", "a finite number >= 0", self.beta)
+        for field in ("epsilon", "epsilon_high"):
+            value = getattr(self, field)
+            _check(value is None or (math.isfinite(value) and value > 0), field, "None or a finite number > 0", value)
+        _check(self.max_staleness is None or self.max_staleness >= 0, "max_staleness", "None or an int >= 0", self.max_staleness)
+
+
+def _check(ok: bool, field: str, expected: str, value: object) -> None:
+    if not ok:
+        raise ValueError(f"{field} must be {expected}, got {value!r}")
+
+
+# ------------------------------------------------------------------------ results
+
+
+class TrainResult(msgspec.Struct, kw_only=True):
+    """What a train call returns: the new step and the step's metrics."""
+
+    step: int
+    metrics: dict[str, float] = msgspec.field(default_factory=dict)
+
+
+class LocalTrainResult(TrainResult, kw_only=True):
+    checkpoint_path: str | None = None
+
+
+class QueueTrainResult(TrainResult, kw_only=True):
+    job_id: str
+    checkpoint_path: str | None = None
+    queued_s: float = 0.0
+    """Seconds between submission and the worker starting the job."""
+    train_s: float = 0.0
+    """Seconds the worker spent on the job."""
+
+
+# --------------------------------------------------------------------------- wire
+
+
+class ModelRef(msgspec.Struct, kw_only=True, frozen=True):
+    """Which trainable model a job is for. Names are checked by ``validate``."""
+
+    project: str
+    name: str
+    base_model: str
+
+    def validate(self) -> ModelRef:
+        validate_name(self.project, "project")
+        validate_name(self.name, "model name")
+        if not self.base_model:
+            raise ValueError("base_model must not be empty")
+        return self
+
+    @property
+    def key(self) -> str:
+        """``project/name``: the model's identity in metrics labels and logs."""
+        return f"{self.project}/{self.name}"
+
+
+JobKind = Literal["train", "register", "delete_checkpoints"]
+
+
+class TrainRequest(msgspec.Struct, kw_only=True, frozen=True):
+    """The Celery message of a job; small. The groups travel separately (claim check).
+
+    ``payload_key`` names the Redis key holding the msgpack of
+    ``list[TrajectoryGroup]`` (train jobs only); ``keep_steps`` is for
+    ``delete_checkpoints`` jobs.
+    """
+
+    job_id: str
+    kind: JobKind
+    model: ModelRef
+    config: TrainConfig = TrainConfig()
+    payload_key: str | None = None
+    payload_bytes: int = 0
+    submitted_at: float = 0.0
+    keep_steps: list[int] = msgspec.field(default_factory=list)
+
+
+class JobStatus(str, enum.Enum):
+    """Where a job is in its life. Terminal states never change again."""
+
+    QUEUED = "queued"  # in the broker, not yet taken by a worker; may be cancelled
+    RUNNING = "running"  # a worker has started it (it is redelivered if the worker dies)
+    SUCCEEDED = "succeeded"  # terminal: result recorded, its step exists on disk
+    FAILED = "failed"  # terminal: error recorded; the job made no step
+    CANCELLED = "cancelled"  # terminal: cancelled while queued; never ran
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+class JobOutcome(msgspec.Struct, kw_only=True):
+    """What the worker records when a job ends well."""
+
+    step: int
+    metrics: dict[str, float] = msgspec.field(default_factory=dict)
+    checkpoint_path: str | None = None
+    train_s: float = 0.0
+
+
+CheckpointEventKind = Literal["saved", "deleted"]
+
+
+class CheckpointEvent(msgspec.Struct, kw_only=True, frozen=True):
+    """One entry of the ``trainq:checkpoints`` stream (fields are stored as strings)."""
+
+    kind: CheckpointEventKind
+    project: str
+    model: str
+    step: int
+    path: str
+    job_id: str = ""
+    base_model: str = ""
+    created_at: float = 0.0
+
+    @property
+    def inference_name(self) -> str:
+        return f"{self.model}@{self.step}"
+
+
+# --------------------------------------------------------------------- validation
+
+_MESSAGE_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+
+
+def validate_groups(groups: list[TrajectoryGroup], *, allow_missing_logprobs: bool = False) -> None:
+    """Raise ``ValueError`` naming the first bad field of ``groups``, else return.
+
+    Checked on both sides of the queue: by the producer before submitting, and
+    by the worker after decoding (a raw payload never went through the first).
+    """
+    if not groups:
+        raise ValueError("groups: at least one trajectory group is needed")
+    for g, group in enumerate(groups):
+        if not group.trajectories:
+            raise ValueError(f"groups[{g}].trajectories: a group needs at least one trajectory")
+        for t, trajectory in enumerate(group.trajectories):
+            _validate_trajectory(trajectory, f"groups[{g}].trajectories[{t}]", allow_missing_logprobs)
+
+
+def _validate_trajectory(trajectory: Trajectory, where: str, allow_missing_logprobs: bool) -> None:
+    if not math.isfinite(trajectory.reward):
+        raise ValueError(f"{where}.reward: must be finite, got {trajectory.reward!r}")
+    n_choices = 0
+    for i, item in enumerate(trajectory.messages_and_choices):
+        at = f"{where}.messages_and_choices[{i}]"
+        if isinstance(item, Choice):
+            n_choices += 1
+            _validate_choice(item, at, allow_missing_logprobs)
+        elif item.get("role") not in _MESSAGE_ROLES:
+            raise ValueError(f"{at}.role: must be one of {sorted(_MESSAGE_ROLES)}, got {item.get('role')!r}")
+    if n_choices == 0:
+        raise ValueError(f"{where}.messages_and_choices: no sampled Choice to train on")
+
+
+def _validate_choice(choice: Choice, at: str, allow_missing_logprobs: bool) -> None:
+    if not choice.token_ids:
+        raise ValueError(f"{at}.token_ids: a sampled turn needs at least one token")
+    if any(tid < 0 for tid in choice.token_ids):
+        raise ValueError(f"{at}.token_ids: token ids must be >= 0")
+    if not choice.logprobs and allow_missing_logprobs:
+        return
+    if len(choice.logprobs) != len(choice.token_ids):
+        raise ValueError(
+            f"{at}.logprobs: {len(choice.logprobs)} logprobs for {len(choice.token_ids)} token_ids; "
+            "they must be of equal length"
+            + ("" if choice.logprobs else " (pass allow_training_without_logprobs=True to train without them)")
+        )
+    if not all(math.isfinite(lp) and lp <= 0.0 for lp in choice.logprobs):
+        raise ValueError(f"{at}.logprobs: every logprob must be finite and <= 0")
