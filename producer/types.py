@@ -280,6 +280,8 @@ class JobOutcome(msgspec.Struct, kw_only=True):
     metrics: dict[str, float] = msgspec.field(default_factory=dict)
     checkpoint_path: str | None = None
     train_s: float = 0.0
+    deleted_steps: list[int] = msgspec.field(default_factory=list)
+    """Steps a ``delete_checkpoints`` job removed."""
 
 
 CheckpointEventKind = Literal["saved", "deleted"]

@@ -1,0 +1,202 @@
+"""``QueueBackend``: trains through a deployed stack (Redis, Celery trainer worker, vLLM)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from producer import keys
+from producer._redis import connect, translated_errors
+from producer.backend import Backend, TrainOptions, build_config
+from producer.errors import BackendUnavailableError, PayloadTooLargeError
+from producer.jobs import TrainJob
+from producer.queue import build_celery_app
+from producer.types import (
+    JobKind,
+    ModelRef,
+    QueueTrainResult,
+    TrainConfig,
+    TrainRequest,
+    TrajectoryGroup,
+    validate_groups,
+)
+
+if TYPE_CHECKING:
+    from typing import Unpack
+
+    from celery import Celery
+
+    from producer.model import TrainableModel
+
+__all__ = ["QueueBackend"]
+
+DEFAULT_MAX_PAYLOAD_BYTES = 256 * 1024 * 1024
+_groups_encoder = msgspec.msgpack.Encoder()
+
+
+class QueueBackend(Backend):
+    """Submit train jobs to a trainq stack over Redis.
+
+    Args:
+        redis_url: the stack's Redis (``redis://`` or ``rediss://``, with the password if any).
+        inference_base_url: the inference worker's OpenAI-compatible URL (``http://host:8000/v1``),
+            given to registered models for ``model.openai_client()``.
+        inference_api_key: the inference worker's API key.
+        path: where ``model.log`` writes trajectories and ``history.jsonl``.
+        max_payload_bytes: encoded groups larger than this are refused before anything is queued.
+        payload_ttl_s: how long a queued job's groups wait in Redis for a worker.
+    """
+
+    def __init__(
+        self,
+        redis_url: str,
+        inference_base_url: str | None = None,
+        inference_api_key: str | None = None,
+        *,
+        path: str = ".trainq",
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        payload_ttl_s: int = keys.JOB_TTL_S,
+    ) -> None:
+        self.redis_url = redis_url
+        self.inference_base_url = inference_base_url
+        self.inference_api_key = inference_api_key
+        self.path = path
+        self.max_payload_bytes = max_payload_bytes
+        self.payload_ttl_s = payload_ttl_s
+        self._redis = connect(redis_url)
+        self._celery: Celery | None = None
+
+    # ------------------------------------------------------------------ public
+
+    async def register(self, model: TrainableModel) -> None:
+        model._attach(self)
+        job = await self._submit(model, "register")
+        outcome = await job.result()
+        model._set_step(outcome.step)
+
+    async def submit_train(
+        self, model: TrainableModel, groups: list[TrajectoryGroup], **options: Unpack[TrainOptions]
+    ) -> TrainJob:
+        config = build_config(options)
+        validate_groups(groups, allow_missing_logprobs=config.allow_training_without_logprobs)
+        payload = _groups_encoder.encode(groups)
+        if len(payload) > self.max_payload_bytes:
+            raise PayloadTooLargeError(
+                f"the encoded groups are {len(payload):,} bytes, over max_payload_bytes={self.max_payload_bytes:,}; "
+                "split them over several train calls"
+            )
+        return await self._submit(model, "train", config=config, payload=payload)
+
+    async def train(
+        self,
+        model: TrainableModel,
+        groups: list[TrajectoryGroup],
+        *,
+        timeout: float | None = None,
+        **options: Unpack[TrainOptions],
+    ) -> QueueTrainResult:
+        job = await self.submit_train(model, groups, **options)
+        result = await job.result(timeout=timeout)
+        model._set_step(result.step)
+        return result
+
+    def job(self, job_id: str) -> TrainJob:
+        """The handle of a job submitted earlier, from this process or any other."""
+        return TrainJob(self._redis, job_id)
+
+    async def get_step(self, model: TrainableModel) -> int:
+        with translated_errors(f"reading the step of {model.project}/{model.name}"):
+            step = await self._redis.hget(keys.model_key(model.project, model.name), "step")
+        if step is None:
+            raise LookupError(f"model {model.project}/{model.name} is not registered; call model.register(backend)")
+        model._set_step(int(step))
+        return int(step)
+
+    async def delete_checkpoints(self, model: TrainableModel, keep_steps: list[int]) -> list[int]:
+        job = await self._submit(model, "delete_checkpoints", keep_steps=sorted(set(keep_steps)))
+        await job.result()
+        outcome = (await job.record()).outcome
+        return outcome.deleted_steps if outcome else []
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+        if self._celery is not None:
+            await asyncio.to_thread(self._celery.close)
+            self._celery = None
+
+    # ---------------------------------------------------------------- internal
+
+    async def _submit(
+        self,
+        model: TrainableModel,
+        kind: JobKind,
+        *,
+        config: TrainConfig | None = None,
+        payload: bytes | None = None,
+        keep_steps: list[int] | None = None,
+    ) -> TrainJob:
+        ref = ModelRef(project=model.project, name=model.name, base_model=model.base_model).validate()
+        job_id = uuid.uuid4().hex
+        queue = keys.queue_name(ref.base_model)
+        now = time.time()
+        request = TrainRequest(
+            job_id=job_id,
+            kind=kind,
+            model=ref,
+            config=config or TrainConfig(),
+            payload_key=keys.payload_key(job_id) if payload is not None else None,
+            payload_bytes=len(payload or b""),
+            submitted_at=now,
+            keep_steps=keep_steps or [],
+        )
+        await self._write_record(request, queue, payload)
+        try:
+            await asyncio.to_thread(self._send, request, queue)
+        except Exception as exc:  # the broker write failed: the record must not say "queued" forever
+            await self._fail_unsent(job_id, exc)
+            raise BackendUnavailableError(f"could not queue job {job_id}: {exc}") from exc
+        return self.job(job_id)
+
+    async def _write_record(self, request: TrainRequest, queue: str, payload: bytes | None) -> None:
+        job_key = keys.job_key(request.job_id)
+        with translated_errors("queueing a job"):
+            async with self._redis.pipeline(transaction=True) as pipe:
+                if payload is not None:
+                    pipe.set(keys.payload_key(request.job_id), payload, ex=self.payload_ttl_s)
+                pipe.hset(
+                    job_key,
+                    mapping={
+                        "status": "queued",
+                        "kind": request.kind,
+                        "model": request.model.key,
+                        "queue": queue,
+                        "submitted_at": repr(request.submitted_at),
+                        "attempts": 0,
+                    },
+                )
+                pipe.expire(job_key, keys.JOB_TTL_S)
+                pipe.zadd(keys.queue_jobs_key(queue), {request.job_id: request.submitted_at})
+                await pipe.execute()
+
+    def _send(self, request: TrainRequest, queue: str) -> None:
+        if self._celery is None:
+            self._celery = build_celery_app(self.redis_url)
+        self._celery.send_task(
+            keys.TASK_TRAIN,
+            args=[msgspec.msgpack.encode(request)],
+            queue=queue,
+            task_id=request.job_id,
+        )
+
+    async def _fail_unsent(self, job_id: str, exc: Exception) -> None:
+        try:
+            await self._redis.hset(
+                keys.job_key(job_id),
+                mapping={"status": "failed", "error_type": "BackendUnavailableError", "error": f"not queued: {exc}"},
+            )
+        except Exception:  # noqa: BLE001 - Redis itself may be what failed; the raise below says so
+            pass
