@@ -1,0 +1,129 @@
+"""The trainer's Celery app: one queue, one prefork child, one job at a time.
+
+Reliability settings and why:
+- prefork with concurrency 1: a killed child is replaced and its job
+  redelivered at once (``task_reject_on_worker_lost``); the solo pool would
+  wait for the visibility timeout.
+- ``task_acks_late``: a job is acknowledged after it ran, so a crash never loses it.
+- ``worker_prefetch_multiplier=1``: the worker holds one job, the rest stay in
+  Redis in submission order (and can be cancelled there).
+- The model and CUDA are set up in the child (``worker_process_init``), never in
+  the parent, so a fork never copies a CUDA context.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+
+import msgspec
+from celery import Celery
+from celery.signals import worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown
+
+from producer import keys
+from producer.queue import build_celery_app
+from trainer_worker.settings import TrainerSettings
+
+log = logging.getLogger(__name__)
+
+
+class WorkerInfo(msgspec.Struct, kw_only=True):
+    """What ``trainq status`` shows of a worker (``keys.WORKERS_KEY``)."""
+
+    base_model: str
+    queue: str
+    pid: int
+    started_at: float
+    child_pid: int = 0
+    ready_at: float = 0.0
+
+
+@dataclass
+class _State:
+    settings: TrainerSettings
+    base_model_path: str
+    hostname: str
+    queue: str
+    runner: object = None  # JobRunner, built in the child
+
+
+def create_app(settings: TrainerSettings, base_model_path: str) -> tuple[Celery, _State]:
+    """The Celery app of one trainer worker; the returned state is filled in the child."""
+    queue = keys.queue_name(settings.base_model)
+    state = _State(settings, base_model_path, settings.hostname or f"trainer@{socket.gethostname()}", queue)
+    app = build_celery_app(settings.redis_url, visibility_timeout_s=settings.visibility_timeout_s)
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_concurrency=1,
+        worker_pool="prefork",
+        task_default_queue=queue,
+        # A lost broker connection must not abort a training step; its record is
+        # written once Redis is back (see jobs._retry_redis).
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+    )
+
+    @app.task(name=keys.TASK_TRAIN)
+    def run_job(request: bytes) -> None:
+        state.runner.run(request)  # type: ignore[attr-defined]
+
+    _connect_signals(state)
+    return app, state
+
+
+def _connect_signals(state: _State) -> None:
+    def announce(**fields: object) -> None:
+        import redis
+
+        client = redis.Redis.from_url(state.settings.redis_url)
+        current = client.hget(keys.WORKERS_KEY, state.hostname)
+        info = msgspec.msgpack.decode(current, type=WorkerInfo) if current else WorkerInfo(
+            base_model=state.settings.base_model, queue=state.queue, pid=os.getppid(), started_at=time.time()
+        )
+        client.hset(keys.WORKERS_KEY, state.hostname, msgspec.msgpack.encode(msgspec.structs.replace(info, **fields)))
+        client.close()
+
+    @worker_ready.connect(weak=False)
+    def _ready(**_: object) -> None:
+        announce(pid=os.getpid(), started_at=time.time())
+
+    @worker_shutdown.connect(weak=False)
+    def _shutdown(**_: object) -> None:
+        import redis
+
+        redis.Redis.from_url(state.settings.redis_url).hdel(keys.WORKERS_KEY, state.hostname)
+
+    @worker_process_init.connect(weak=False)
+    def _init_child(**_: object) -> None:
+        state.runner = _build_runner(state)
+        announce(child_pid=os.getpid(), ready_at=time.time())
+
+    @worker_process_shutdown.connect(weak=False)
+    def _child_exit(**_: object) -> None:
+        log.info("training child %d exiting", os.getpid())
+
+
+def _build_runner(state: _State) -> object:
+    """Load the model and the trainer in the child: the only place torch meets a device."""
+    import redis
+
+    from trainer_worker import metrics
+    from trainer_worker.core.trainer import Trainer
+    from trainer_worker.jobs import JobRunner
+
+    settings = state.settings
+    client = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
+    if settings.metrics_port:
+        metrics.serve(settings.metrics_port, client, [state.queue])
+    trainer = Trainer(
+        base_model_path=state.base_model_path,
+        checkpoint_root=settings.checkpoint_root,
+        device=settings.device,
+        max_tokens_per_microbatch=settings.max_tokens_per_microbatch,
+        seed=settings.seed,
+    )
+    return JobRunner(client, trainer, base_model=settings.base_model, worker_name=state.hostname)

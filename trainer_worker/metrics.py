@@ -1,0 +1,69 @@
+"""The trainer's Prometheus metrics.
+
+They are updated in the prefork child that runs the jobs, so that child also
+serves them (``serve``); the parent process serves nothing. Queue depth is read
+from Redis at scrape time, so it is right even while a job is running.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+# Train steps take seconds to hours; queue waits milliseconds to hours.
+_DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200)
+
+REGISTRY = CollectorRegistry()
+
+JOBS = Counter(
+    "trainq_jobs", "Jobs ended by this worker, by model, kind and final status.",
+    ["model", "kind", "status"], registry=REGISTRY,
+)
+QUEUE_WAIT = Histogram(
+    "trainq_queue_wait_seconds", "Seconds from submission to the worker starting the job.",
+    ["model"], buckets=_DURATION_BUCKETS, registry=REGISTRY,
+)
+TRAIN_DURATION = Histogram(
+    "trainq_train_duration_seconds", "Seconds the worker spent running a train job.",
+    ["model"], buckets=_DURATION_BUCKETS, registry=REGISTRY,
+)
+CHECKPOINT_SAVE = Histogram(
+    "trainq_checkpoint_save_duration_seconds", "Seconds to write one checkpoint.",
+    ["model"], buckets=_DURATION_BUCKETS, registry=REGISTRY,
+)
+TRAINED_TOKENS = Counter(
+    "trainq_trained_tokens", "Tokens that carried loss.", ["model"], registry=REGISTRY,
+)
+STEP = Gauge("trainq_step", "Latest committed step.", ["model"], registry=REGISTRY)
+LOSS = Gauge("trainq_loss", "Loss of the latest step.", ["model"], registry=REGISTRY)
+REWARD = Gauge("trainq_reward", "Mean reward of the latest step's groups.", ["model"], registry=REGISTRY)
+LAST_STEP_TIME = Gauge(
+    "trainq_last_step_timestamp_seconds", "Unix time of the latest committed step.", ["model"], registry=REGISTRY,
+)
+
+
+class QueueDepthCollector(Collector):
+    """``trainq_queue_depth{queue}``: messages waiting in the broker, read at scrape time."""
+
+    def __init__(self, redis_client: object, queues: list[str]) -> None:
+        self._redis = redis_client
+        self._queues = queues
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily("trainq_queue_depth", "Jobs waiting in the broker queue.", labels=["queue"])
+        for queue in self._queues:
+            try:
+                depth = self._redis.llen(queue)  # type: ignore[attr-defined]
+            except Exception:  # noqa: BLE001 - a scrape must not fail because Redis blinked
+                continue
+            family.add_metric([queue], float(depth))
+        yield family
+
+
+def serve(port: int, redis_client: object, queues: list[str]) -> None:
+    """Start the /metrics endpoint in this process (a daemon thread)."""
+    REGISTRY.register(QueueDepthCollector(redis_client, queues))
+    start_http_server(port, addr="0.0.0.0", registry=REGISTRY)
