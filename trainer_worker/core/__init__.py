@@ -1,0 +1,11 @@
+"""The training core of the trainer worker: plain Python, no Celery, no Redis.
+
+    tokenize      Trajectory -> one token sequence with the sampled-token mask
+    advantages    group-relative advantages
+    loss          PPO-clip / CISPO policy losses and the k3 KL, as pure functions
+    packing       sequences -> micro-batches under a token budget
+    checkpoints   the on-disk checkpoint layout, written atomically
+    trainer       ``Trainer``: register, train (exactly once), delete checkpoints
+
+Importing this package imports no torch; its modules do.
+"""

@@ -1,0 +1,259 @@
+"""``Trainer``: one base model, one resident LoRA adapter, many trainable models.
+
+Each train job makes exactly one new checkpoint step of one model. The adapter
+in memory belongs to one ``(model, step)`` at a time; a job for another model,
+or after anything went wrong, first loads that model's latest step (adapter and
+optimizer) from disk, so disk is the truth and a restarted trainer resumes
+exactly where the last one stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import defaultdict
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from producer.types import JobOutcome, ModelRef, TrainConfig, TrajectoryGroup, validate_groups
+from trainer_worker.core import checkpoints
+from trainer_worker.core.batch import prepare_batch
+from trainer_worker.core.forward import per_token_logps
+from trainer_worker.core.loss import LossConfig, LossInputs, compute_loss, loss_config_from_train_config
+from trainer_worker.core.lora import LoadedModel, LoraSettings, setup_model
+from trainer_worker.core.packing import MicroBatch, PackingMode, TrainSequence, build_microbatches
+from trainer_worker.core.tokenize import tokenize_trajectory
+
+__all__ = ["MAX_GRAD_NORM", "Trainer"]
+
+log = logging.getLogger(__name__)
+
+MAX_GRAD_NORM = 1.0
+_LOSS_METRICS = ("loss", "policy_loss", "kl", "clip_fraction", "ratio_mean")
+
+
+class Trainer:
+    """Trains LoRA adapters of one base model, one checkpoint step per job.
+
+    Args:
+        base_model_path: a local model folder (or hub id) with a chat template.
+        checkpoint_root: the folder holding ``{project}/{name}/checkpoints/{step:04d}``.
+        device: ``"cpu"`` (float32) or ``"cuda"`` (bfloat16 base, float32 adapter).
+        max_tokens_per_microbatch: token budget of one forward/backward, padding included.
+        seed: seeds the adapter's initialisation, identical for every model's step 0.
+        lora_r, lora_alpha, lora_targets: the LoRA adapter's shape.
+        packing: ``"packed"`` (several sequences per row) or ``"padded"``.
+    """
+
+    def __init__(
+        self,
+        base_model_path: str,
+        checkpoint_root: str,
+        *,
+        device: str = "cpu",
+        max_tokens_per_microbatch: int = 8192,
+        seed: int = 0,
+        lora_r: int = 8,
+        lora_alpha: int = 16,
+        lora_targets: tuple[str, ...] | None = None,
+        packing: PackingMode = "packed",
+    ) -> None:
+        if max_tokens_per_microbatch < 1:
+            raise ValueError(f"max_tokens_per_microbatch must be >= 1, got {max_tokens_per_microbatch}")
+        lora = LoraSettings(r=lora_r, alpha=lora_alpha, **({"targets": tuple(lora_targets)} if lora_targets else {}))
+        self.base_model_path = base_model_path
+        self.checkpoint_root = Path(checkpoint_root)
+        self.max_tokens_per_microbatch = max_tokens_per_microbatch
+        self.packing: PackingMode = packing
+        self._loaded: LoadedModel = setup_model(base_model_path, device, lora, seed)
+        self._optimizer = self._new_optimizer()
+        self._resident: tuple[str, int] | None = None  # (model key, step) the adapter in memory is
+
+    # ------------------------------------------------------------------ public
+
+    def latest_step(self, model: ModelRef) -> int | None:
+        """The model's newest checkpoint step, ``None`` if it is not registered."""
+        model.validate()
+        return checkpoints.latest_step(self.checkpoint_root, model.project, model.name)
+
+    def register(self, model: ModelRef) -> JobOutcome:
+        """Write step 0 (the untrained adapter, fresh optimizer) unless the model has a step; idempotent.
+
+        Returns the outcome recorded with the model's latest step.
+        """
+        model.validate()
+        latest = self.latest_step(model)
+        if latest is None:
+            self._loaded.set_adapter_state(self._loaded.initial_adapter)
+            self._optimizer = self._new_optimizer()
+            self._resident = None
+            path = self._save(model, 0, job_id="", metrics={}, train_s=0.0)
+            self._resident = (model.key, 0)
+            log.info("registered %s at %s", model.key, path)
+            latest = 0
+        return self._info(model, latest).outcome()
+
+    def train(
+        self, job_id: str, model: ModelRef, config: TrainConfig, groups: list[TrajectoryGroup]
+    ) -> JobOutcome:
+        """Run one train job: exactly one new step of ``model``, saved atomically.
+
+        A job whose id a checkpoint of ``model`` already carries is not run again;
+        its recorded outcome is returned. Raises ``ValueError`` naming the problem
+        for bad input (unregistered model, malformed groups, token ids outside the
+        vocabulary, sequences longer than the model's positions); the trainer
+        stays usable for the next job.
+        """
+        started = time.perf_counter()
+        model.validate()
+        if not job_id:
+            raise ValueError("job_id must not be empty")
+        done = checkpoints.find_job(self.checkpoint_root, model.project, model.name, job_id)
+        if done is not None:
+            log.info("job %s already made step %d of %s; not training again", job_id, done.step, model.key)
+            return done.outcome()
+        latest = self.latest_step(model)
+        if latest is None:
+            raise ValueError(f"model {model.key} is not registered (no checkpoint under {self.checkpoint_root})")
+        self._check_base_model(model, latest)
+        validate_groups(groups, allow_missing_logprobs=config.allow_training_without_logprobs)
+        tokenize = partial(
+            tokenize_trajectory,
+            tokenizer=self._loaded.tokenizer,
+            vocab_size=self._loaded.vocab_size,
+            max_length=self._loaded.max_positions,
+            allow_missing_logprobs=config.allow_training_without_logprobs,
+        )
+        batch = prepare_batch(groups, latest, config, tokenize)
+
+        step = latest + 1
+        try:
+            self._activate(model, latest)
+            step_metrics = self._optimize(batch.sequences, loss_config_from_train_config(config), config.learning_rate)
+            metrics = _finite({**batch.metrics, **step_metrics, "learning_rate": config.learning_rate})
+            train_s = time.perf_counter() - started
+            metrics["train_s"] = train_s
+            path = self._save(model, step, job_id=job_id, metrics=metrics, train_s=train_s)
+        except BaseException:
+            # Memory may be half a step ahead of disk now; reload from disk next time.
+            self._resident = None
+            self._optimizer.zero_grad(set_to_none=True)
+            raise
+        self._resident = (model.key, step)
+        log.info("job %s: %s step %d, %d tokens, %.2f s", job_id, model.key, step, metrics["num_tokens"], train_s)
+        return JobOutcome(step=step, metrics=metrics, checkpoint_path=str(path), train_s=train_s)
+
+    def delete_checkpoints(self, model: ModelRef, keep_steps: list[int]) -> list[int]:
+        """Delete every step of ``model`` not in ``keep_steps``, except the latest; return those deleted."""
+        model.validate()
+        existing = checkpoints.list_steps(self.checkpoint_root, model.project, model.name)
+        doomed = [s for s in existing if s not in set(keep_steps)]
+        return checkpoints.delete_steps(self.checkpoint_root, model.project, model.name, doomed)
+
+    # ----------------------------------------------------------------- private
+
+    def _new_optimizer(self) -> torch.optim.Optimizer:
+        # No weight decay: it would pull the LoRA weights toward 0 on every step,
+        # moving the policy even when a job has no trainable group.
+        return torch.optim.AdamW(self._loaded.trainable_parameters(), lr=1e-6, weight_decay=0.0)
+
+    def _info(self, model: ModelRef, step: int) -> checkpoints.CheckpointInfo:
+        return checkpoints.read_info(self.checkpoint_root, model.project, model.name, step)
+
+    def _check_base_model(self, model: ModelRef, latest: int) -> None:
+        registered = self._info(model, latest).base_model
+        if registered and registered != model.base_model:
+            raise ValueError(
+                f"model {model.key} was registered with base model {registered!r}, not {model.base_model!r}"
+            )
+
+    def _activate(self, model: ModelRef, step: int) -> None:
+        """Make the resident adapter and optimizer those of ``model`` at ``step``."""
+        if self._resident == (model.key, step):
+            return
+        self._resident = None
+        folder = checkpoints.checkpoint_dir(self.checkpoint_root, model.project, model.name, step)
+        self._loaded.load(folder, self._optimizer)
+        self._resident = (model.key, step)
+
+    def _save(self, model: ModelRef, step: int, *, job_id: str, metrics: dict[str, float], train_s: float) -> Path:
+        metadata = {
+            "job_id": job_id,
+            "base_model": model.base_model,
+            "project": model.project,
+            "name": model.name,
+            "metrics": metrics,
+            "train_s": train_s,
+        }
+        return checkpoints.write_checkpoint(
+            self.checkpoint_root,
+            model.project,
+            model.name,
+            step,
+            lambda folder: self._loaded.save(folder, self._optimizer),
+            metadata,
+        )
+
+    def _optimize(self, sequences: list[TrainSequence], loss_config: LossConfig, learning_rate: float) -> dict[str, float]:
+        """Forward/backward every micro-batch, clip, and take one AdamW step (none without sequences)."""
+        totals: dict[str, float] = defaultdict(float)
+        num_tokens = sum(s.tokens.num_trained_tokens for s in sequences)
+        if num_tokens == 0:
+            # Nothing to learn from: no optimizer step at all, so weights and AdamW moments stay as they are.
+            zeros = (*_LOSS_METRICS, "grad_norm", "num_tokens", "num_sequence_tokens", "num_microbatches")
+            return dict.fromkeys(zeros, 0.0)
+        pad_id = self._loaded.tokenizer.pad_token_id or 0
+        microbatches = build_microbatches(sequences, self.max_tokens_per_microbatch, mode=self.packing, pad_token_id=pad_id)
+        model = self._loaded.model
+        model.train()
+        self._optimizer.zero_grad(set_to_none=True)
+        for batch in microbatches:
+            outputs = compute_loss(self._loss_inputs(batch, loss_config, num_tokens), loss_config)
+            outputs.loss.backward()
+            for name, value in outputs.metrics.items():
+                totals[name] += value
+        params = self._loaded.trainable_parameters()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM))
+        if not math.isfinite(grad_norm):
+            raise FloatingPointError(f"gradient norm is {grad_norm}; the step was not applied")
+        for group in self._optimizer.param_groups:
+            group["lr"] = learning_rate
+        self._optimizer.step()
+        self._optimizer.zero_grad(set_to_none=True)
+        return {
+            **{name: totals[name] for name in _LOSS_METRICS},
+            "grad_norm": grad_norm,
+            "num_tokens": float(num_tokens),
+            "num_sequence_tokens": float(sum(len(s.tokens) for s in sequences)),
+            "num_microbatches": float(len(microbatches)),
+        }
+
+    def _loss_inputs(self, batch: MicroBatch, loss_config: LossConfig, num_tokens: int) -> LossInputs:
+        device = self._loaded.device
+        model = self._loaded.model
+        ref_logps = None
+        if loss_config.beta > 0:
+            with torch.no_grad(), model.disable_adapter():
+                ref_logps = per_token_logps(model, batch, device)  # (B, T)
+        logps = per_token_logps(model, batch, device)  # (B, T)
+        known = batch.logps_known.to(device)
+        # Without sampler logprobs the trainer's own (detached) stand in: ratio 1.
+        old_logps = torch.where(known, batch.old_per_token_logps.to(device), logps.detach())
+        return LossInputs(
+            per_token_logps=logps,
+            old_per_token_logps=old_logps,
+            advantages=batch.advantages.to(device),
+            loss_mask=batch.loss_mask.to(device),
+            sequence_ids=batch.sequence_ids.to(device),
+            num_sequences=batch.num_sequences,
+            ref_per_token_logps=ref_logps,
+            token_normalizer=float(num_tokens),
+        )
+
+
+def _finite(metrics: dict[str, float]) -> dict[str, float]:
+    """Metrics as plain floats; a NaN or infinity becomes 0.0 (JSON and Prometheus want finite numbers)."""
+    return {name: (float(v) if math.isfinite(float(v)) else 0.0) for name, v in metrics.items()}
