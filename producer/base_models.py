@@ -175,3 +175,23 @@ def _convert_gguf(gguf_path: Path, out: Path, progress: bool) -> None:
 
 def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m producer.base_models NAME``: resolve NAME; the path is the last line on stdout.
+
+    Workers call this in a short-lived child so that their own process never
+    imports torch before it forks (progress goes to stderr).
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m producer.base_models", description=main.__doc__)
+    parser.add_argument("name", help=f"a local folder, {EMBEDDED_DEFAULT}, or a hub id")
+    parser.add_argument("--cache-dir", default=None, help="trainq cache root (default: $TRAINQ_CACHE_DIR or ~/.cache/trainq)")
+    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    args = parser.parse_args(argv)
+    print(resolve_base_model(args.name, args.cache_dir, progress=not args.quiet), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -95,3 +95,10 @@ def test_embedded_default_materialises_loads_chats_and_is_instant_the_second_tim
     new_tokens = output[0, inputs["input_ids"].shape[1]:]
     assert 1 <= len(new_tokens) <= 4
     assert tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+
+
+def test_command_line_prints_the_resolved_path_last(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # The trainer worker resolves through `python -m producer.base_models NAME` and reads the last line.
+    base_models.main([str(tmp_path), "--quiet"])
+
+    assert capsys.readouterr().out.splitlines()[-1] == str(tmp_path.resolve())
