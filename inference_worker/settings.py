@@ -1,0 +1,43 @@
+"""The inference worker's settings: each a ``--flag`` and a ``TRAINQ_*`` variable."""
+
+from __future__ import annotations
+
+import shlex
+
+from pydantic import Field
+
+from producer.settings import ServiceSettings
+
+__all__ = ["InferenceSettings"]
+
+
+class InferenceSettings(ServiceSettings):
+    """vLLM's OpenAI server plus the checkpoint watcher, for one base model."""
+
+    host: str = Field("127.0.0.1", description="Interface vLLM listens on (0.0.0.0 to serve other machines).")
+    port: int = Field(8000, ge=1, le=65535, description="Port of vLLM's OpenAI-compatible API and its own /metrics.")
+    api_key: str | None = Field(
+        None, description="Bearer key every /v1 request must carry; unset serves without auth."
+    )
+    served_model_name: str | None = Field(
+        None, description="Name of the base model in /v1/models; defaults to --base-model as given."
+    )
+    max_loras: int = Field(4, ge=1, description="Adapters vLLM runs in one batch (its --max-loras).")
+    max_cpu_loras: int | None = Field(
+        None, ge=1, description="Adapters vLLM caches in memory (its --max-cpu-loras); more are reloaded from disk."
+    )
+    max_lora_rank: int = Field(16, ge=1, description="Largest LoRA rank accepted (its --max-lora-rank).")
+    max_model_len: int | None = Field(None, ge=16, description="Context length (its --max-model-len); the model's by default.")
+    kv_cache_gib: float = Field(
+        4.0, gt=0, description="KV cache size in GiB on CPU builds (VLLM_CPU_KVCACHE_SPACE); ignored on GPU."
+    )
+    vllm_args: str = Field(
+        "", description="Extra arguments for vLLM's api_server, shell-quoted, e.g. '--enforce-eager --dtype float32'."
+    )
+    startup_timeout_s: float = Field(600.0, gt=0, description="How long vLLM may take to answer /health after a start.")
+    health_interval_s: float = Field(2.0, gt=0, description="Seconds between /health checks of a running vLLM.")
+    restart_backoff_s: float = Field(1.0, gt=0, description="First wait before restarting a dead vLLM; doubles per failure.")
+    restart_backoff_max_s: float = Field(60.0, gt=0, description="Longest wait between vLLM restarts.")
+
+    def extra_vllm_args(self) -> list[str]:
+        return shlex.split(self.vllm_args)

