@@ -1,0 +1,129 @@
+"""Tokenization with the tiny model's ChatML template: sampled tokens verbatim, context masked."""
+
+import pytest
+
+from producer.types import Choice, ChoiceMessage, Trajectory
+from trainer_worker.core.tokenize import tokenize_trajectory
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model)
+
+
+def encode(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def sampled(tokenizer, content, *, eos=True, logprob=-0.5):
+    """A choice whose tokens are what the template would write for ``content`` (+ <|im_end|>)."""
+    ids = encode(tokenizer, content) + ([tokenizer.convert_tokens_to_ids("<|im_end|>")] if eos else [])
+    return Choice(token_ids=ids, logprobs=[logprob] * len(ids), message=ChoiceMessage(content=content))
+
+
+def trained_spans(tokens):
+    """(start, stop) of each run of masked tokens."""
+    spans, start = [], None
+    for i, m in enumerate(tokens.assistant_mask + [False]):
+        if m and start is None:
+            start = i
+        elif not m and start is not None:
+            spans.append((start, i))
+            start = None
+    return spans
+
+
+def test_sampled_token_ids_are_used_verbatim(tokenizer):
+    # Ids the tokenizer would never produce for the message text: they must survive as they are.
+    odd = [300, 17, 42, 99]
+    choice = Choice(token_ids=odd, logprobs=[-0.1, -0.2, -0.3, -0.4], message=ChoiceMessage(content="yes"))
+    tokens = tokenize_trajectory(Trajectory([{"role": "user", "content": "hi"}, choice]), tokenizer)
+    prompt = encode(tokenizer, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+    im_end_nl = encode(tokenizer, "<|im_end|>\n")
+    assert tokens.input_ids == prompt + odd + im_end_nl
+    assert tokens.assistant_mask == [False] * len(prompt) + [True] * 4 + [False] * len(im_end_nl)
+    assert tokens.sampler_logprobs[len(prompt) : len(prompt) + 4] == [-0.1, -0.2, -0.3, -0.4]
+    assert tokens.logprobs_known == tokens.assistant_mask
+
+
+def test_sampled_end_of_turn_is_trained_and_not_repeated(tokenizer):
+    messages = [{"role": "system", "content": "Answer with yes, no or maybe."}, {"role": "user", "content": "maybe?"}]
+    tokens = tokenize_trajectory(Trajectory([*messages, sampled(tokenizer, "no", eos=True)]), tokenizer)
+    expected = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": "no"}], tokenize=False)
+    assert tokens.input_ids == encode(tokenizer, expected)
+    start, stop = trained_spans(tokens)[0]
+    assert tokenizer.decode(tokens.input_ids[start:stop]) == "no<|im_end|>"
+    assert tokenizer.decode(tokens.input_ids[stop:]) == "\n"
+
+
+def test_multi_turn_with_tool_message_matches_the_template(tokenizer):
+    first, second = sampled(tokenizer, "get_weather city"), sampled(tokenizer, "The weather is yes.")
+    items = [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "What is the weather today?"},
+        first,
+        {"role": "tool", "content": "sunny 21"},
+        {"role": "user", "content": "Thanks!"},
+        second,
+        {"role": "user", "content": "this message comes after the last choice"},
+    ]
+    tokens = tokenize_trajectory(Trajectory(items), tokenizer)
+    as_messages = [m if isinstance(m, dict) else {"role": "assistant", "content": m.message.content} for m in items[:-1]]
+    assert tokens.input_ids == encode(tokenizer, tokenizer.apply_chat_template(as_messages, tokenize=False))
+    spans = trained_spans(tokens)
+    assert [tokens.input_ids[a:b] for a, b in spans] == [first.token_ids, second.token_ids]
+    assert sum(tokens.assistant_mask) == len(first.token_ids) + len(second.token_ids)
+    between = tokenizer.decode(tokens.input_ids[spans[0][1] : spans[1][0]])
+    assert between == "\n<|im_start|>tool\nsunny 21<|im_end|>\n<|im_start|>user\nThanks!<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_plain_assistant_messages_are_context(tokenizer):
+    items = [
+        {"role": "user", "content": "yes?"},
+        {"role": "assistant", "content": "no"},
+        {"role": "user", "content": "maybe?"},
+        sampled(tokenizer, "yes"),
+    ]
+    tokens = tokenize_trajectory(Trajectory(items), tokenizer)
+    assert len(trained_spans(tokens)) == 1
+    assert sum(tokens.assistant_mask) == len(items[-1].token_ids)
+
+
+def test_tools_are_passed_to_the_template(tokenizer):
+    tools_template = (
+        "{% if tools %}<|im_start|>system\n{% for t in tools %}{{ t['function']['name'] }} {% endfor %}<|im_end|>\n{% endif %}"
+        + tokenizer.chat_template
+    )
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    original = tokenizer.chat_template
+    tokenizer.chat_template = tools_template
+    try:
+        tokens = tokenize_trajectory(
+            Trajectory([{"role": "user", "content": "hi"}, sampled(tokenizer, "yes")], tools=tools), tokenizer
+        )
+    finally:
+        tokenizer.chat_template = original
+    assert tokenizer.decode(tokens.input_ids).startswith("<|im_start|>system\nget_weather <|im_end|>\n")
+
+
+def test_missing_logprobs_need_the_flag(tokenizer):
+    choice = Choice(token_ids=[40, 41], logprobs=[])
+    trajectory = Trajectory([{"role": "user", "content": "hi"}, choice])
+    with pytest.raises(ValueError, match="allow_training_without_logprobs"):
+        tokenize_trajectory(trajectory, tokenizer)
+    tokens = tokenize_trajectory(trajectory, tokenizer, allow_missing_logprobs=True)
+    assert sum(tokens.assistant_mask) == 2 and not any(tokens.logprobs_known)
+
+
+def test_token_id_outside_vocabulary_is_rejected(tokenizer):
+    trajectory = Trajectory([{"role": "user", "content": "hi"}, Choice(token_ids=[5, 100_000], logprobs=[-1.0, -1.0])])
+    with pytest.raises(ValueError, match="token id 100000 is outside the model's vocabulary of 415"):
+        tokenize_trajectory(trajectory, tokenizer, vocab_size=415)
+
+
+def test_sequence_longer_than_the_model_is_rejected(tokenizer):
+    trajectory = Trajectory([{"role": "user", "content": "hi"}, Choice(token_ids=[5] * 50, logprobs=[-1.0] * 50)])
+    with pytest.raises(ValueError, match="longer|more than the model's 32 positions"):
+        tokenize_trajectory(trajectory, tokenizer, max_length=32)
