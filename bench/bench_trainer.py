@@ -73,8 +73,8 @@ def run_mode(model_path: Path, mode: str, args: argparse.Namespace) -> dict[str,
         trainer = Trainer(str(model_path), root, device=args.device, max_tokens_per_microbatch=args.budget, packing=mode)
         model = ModelRef(project="bench", name=mode, base_model="tiny")
         trainer.register(model)
-        params = sum(p.numel() for p in trainer._loaded.model.get_base_model().parameters() if not p.requires_grad)
-        groups = make_groups(args.groups, args.group_size, trainer._loaded.vocab_size, seed=0)
+        params = trainer.num_base_parameters
+        groups = make_groups(args.groups, args.group_size, len(trainer.tokenizer), seed=0)
         config = TrainConfig(learning_rate=1e-4)
         trainer.train("warmup", model, config, groups)
         times, outcomes = [], []
@@ -103,14 +103,14 @@ def _forwarded_positions(trainer, groups) -> int:
     from trainer_worker.core.tokenize import tokenize_trajectory
     from producer.types import TrainConfig
 
-    batch = prepare_batch(groups, 0, TrainConfig(), lambda t: tokenize_trajectory(t, trainer._loaded.tokenizer))
+    batch = prepare_batch(groups, 0, TrainConfig(), lambda t: tokenize_trajectory(t, trainer.tokenizer))
     return sum(b.num_tokens for b in build_microbatches(batch.sequences, trainer.max_tokens_per_microbatch, mode=trainer.packing))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--groups", type=int, default=8)
     parser.add_argument("--group-size", type=int, default=4)
     parser.add_argument("--budget", type=int, default=2048, help="max_tokens_per_microbatch")

@@ -15,6 +15,7 @@ import time
 from collections import defaultdict
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -74,6 +75,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ public
 
+    @property
+    def tokenizer(self) -> Any:
+        """The base model's tokenizer (with its chat template)."""
+        return self._loaded.tokenizer
+
+    @property
+    def num_base_parameters(self) -> int:
+        """Parameters of the base model, LoRA excluded (the ``N`` of ``6 * N * tokens``)."""
+        return sum(p.numel() for p in self._loaded.model.parameters() if not p.requires_grad)
+
     def latest_step(self, model: ModelRef) -> int | None:
         """The model's newest checkpoint step, ``None`` if it is not registered."""
         model.validate()
@@ -86,7 +97,9 @@ class Trainer:
         """
         model.validate()
         latest = self.latest_step(model)
-        if latest is None:
+        if latest is not None:
+            self._check_base_model(model, latest)
+        else:
             self._loaded.set_adapter_state(self._loaded.initial_adapter)
             self._optimizer = self._new_optimizer()
             self._resident = None
@@ -102,7 +115,9 @@ class Trainer:
         """Run one train job: exactly one new step of ``model``, saved atomically.
 
         A job whose id a checkpoint of ``model`` already carries is not run again;
-        its recorded outcome is returned. Raises ``ValueError`` naming the problem
+        its recorded outcome is returned (metrics as saved, so without
+        ``checkpoint_save_s``, and ``train_s`` up to the save). ``train_s`` of a
+        fresh outcome includes the save. Raises ``ValueError`` naming the problem
         for bad input (unregistered model, malformed groups, token ids outside the
         vocabulary, sequences longer than the model's positions); the trainer
         stays usable for the next job.
@@ -136,14 +151,19 @@ class Trainer:
             metrics = _finite({**batch.metrics, **step_metrics, "learning_rate": config.learning_rate})
             train_s = time.perf_counter() - started
             metrics["train_s"] = train_s
+            saving = time.perf_counter()
             path = self._save(model, step, job_id=job_id, metrics=metrics, train_s=train_s)
+            save_s = time.perf_counter() - saving
         except BaseException:
             # Memory may be half a step ahead of disk now; reload from disk next time.
             self._resident = None
             self._optimizer.zero_grad(set_to_none=True)
             raise
         self._resident = (model.key, step)
+        train_s = time.perf_counter() - started
         log.info("job %s: %s step %d, %d tokens, %.2f s", job_id, model.key, step, metrics["num_tokens"], train_s)
+        # The save's own duration cannot be inside the checkpoint it measures: returned only.
+        metrics = {**metrics, "checkpoint_save_s": save_s}
         return JobOutcome(step=step, metrics=metrics, checkpoint_path=str(path), train_s=train_s)
 
     def delete_checkpoints(self, model: ModelRef, keep_steps: list[int]) -> list[int]:
