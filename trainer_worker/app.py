@@ -16,8 +16,10 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
-from dataclasses import dataclass
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 
 import msgspec
 from celery import Celery
@@ -47,7 +49,7 @@ class _State:
     base_model_path: str
     hostname: str
     queue: str
-    runner: object = None  # JobRunner, built in the child
+    runner: Future = field(default_factory=Future)  # the JobRunner, built in the child
 
 
 def create_app(settings: TrainerSettings, base_model_path: str) -> tuple[Celery, _State]:
@@ -65,11 +67,13 @@ def create_app(settings: TrainerSettings, base_model_path: str) -> tuple[Celery,
         # A lost broker connection must not abort a training step; its record is
         # written once Redis is back (see jobs._retry_redis).
         worker_cancel_long_running_tasks_on_connection_loss=False,
+        # Python start-up in a fresh child on a busy machine; the model loads after it (see _init_child).
+        worker_proc_alive_timeout=60,
     )
 
     @app.task(name=keys.TASK_TRAIN)
     def run_job(request: bytes) -> None:
-        state.runner.run(request)  # type: ignore[attr-defined]
+        state.runner.result().run(request)
 
     _connect_signals(state)
     return app, state
@@ -99,8 +103,17 @@ def _connect_signals(state: _State) -> None:
 
     @worker_process_init.connect(weak=False)
     def _init_child(**_: object) -> None:
-        state.runner = _build_runner(state)
-        announce(child_pid=os.getpid(), ready_at=time.time())
+        # Loading a model takes seconds to minutes, longer than the pool waits for a
+        # new child to report; load beside it, and let the first job wait for it.
+        def load() -> None:
+            try:
+                state.runner.set_result(_build_runner(state))
+            except BaseException:
+                log.critical("the training child cannot load the model; exiting", exc_info=True)
+                os._exit(1)
+            announce(child_pid=os.getpid(), ready_at=time.time())
+
+        threading.Thread(target=load, name="trainq-load-model", daemon=True).start()
 
     @worker_process_shutdown.connect(weak=False)
     def _child_exit(**_: object) -> None:
