@@ -28,8 +28,8 @@ class InferenceSettings(ServiceSettings):
     )
     max_lora_rank: int = Field(16, ge=1, description="Largest LoRA rank accepted (its --max-lora-rank).")
     max_model_len: int | None = Field(None, ge=16, description="Context length (its --max-model-len); the model's by default.")
-    kv_cache_gib: float = Field(
-        4.0, gt=0, description="KV cache size in GiB on CPU builds (VLLM_CPU_KVCACHE_SPACE); ignored on GPU."
+    kv_cache_gib: int = Field(
+        4, ge=1, description="KV cache size in whole GiB on CPU builds (VLLM_CPU_KVCACHE_SPACE); ignored on GPU."
     )
     vllm_args: str = Field(
         "", description="Extra arguments for vLLM's api_server, shell-quoted, e.g. '--enforce-eager --dtype float32'."

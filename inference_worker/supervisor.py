@@ -57,7 +57,7 @@ def vllm_env(settings: InferenceSettings) -> dict[str, str]:
     """The child's environment: runtime LoRA loading on, the key passed out of ``ps``'s sight."""
     env = dict(os.environ)
     env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{settings.kv_cache_gib:g}")
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gib))
     env.pop("VLLM_API_KEY", None)
     if settings.api_key:
         env["VLLM_API_KEY"] = settings.api_key
