@@ -19,7 +19,9 @@ from producer.errors import (
     TrainqError,
     TrainTimeoutError,
 )
+from producer.gather import gather_trajectory_groups
 from producer.jobs import JobRecord, TrainJob
+from producer.local_backend import LocalBackend
 from producer.model import Model, TrainableModel
 from producer.queue_backend import QueueBackend
 from producer.types import (
@@ -42,6 +44,7 @@ __all__ = [
     # backends and jobs
     "Backend",
     "JobRecord",
+    "LocalBackend",
     "JobStatus",
     "QueueBackend",
     "TrainJob",
@@ -52,6 +55,7 @@ __all__ = [
     "ExceptionInfo",
     "Trajectory",
     "TrajectoryGroup",
+    "gather_trajectory_groups",
     # config and results
     "LocalTrainResult",
     "QueueTrainResult",
