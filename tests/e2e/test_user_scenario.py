@@ -1,0 +1,118 @@
+"""The user's loop on the real stack: Redis, a trainer worker and an inference worker, each its own process.
+
+register -> sample ``name@0`` with logprobs and token ids -> ``backend.train`` ->
+``name@1`` is served beside ``name@0`` and answers differently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from producer import Choice, QueueBackend, TrainableModel, Trajectory, TrajectoryGroup
+from tests.integration.inference.worker import API_KEY, InferenceWorker
+from tests.support.services import WorkerProcess, start_trainer_worker
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(300)]
+
+PROMPTS = ["Answer with yes, no or maybe.", "Guess the number between 1 and 100."]
+
+
+@pytest.fixture(scope="module")
+def stack_redis_url(redis_url: str) -> str:
+    """A database of its own: the stream holds only this scenario's checkpoints."""
+    return redis_url.rsplit("/", 1)[0] + "/4"
+
+
+@pytest.fixture(scope="module")
+def checkpoint_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("e2e-checkpoints")
+
+
+@pytest.fixture(scope="module")
+async def inference(stack_redis_url, tiny_model, checkpoint_root, tmp_path_factory) -> AsyncIterator[InferenceWorker]:
+    worker = InferenceWorker(
+        redis_url=stack_redis_url,
+        base_model=tiny_model,
+        checkpoint_root=checkpoint_root,
+        log_path=tmp_path_factory.mktemp("e2e-logs") / "inference.log",
+    )
+    yield worker
+    await worker.aclose()
+
+
+@pytest.fixture(scope="module")
+def trainer(inference, stack_redis_url, tiny_model, checkpoint_root, tmp_path_factory) -> Iterator[WorkerProcess]:
+    """Started after the inference worker, so vLLM's slow start overlaps the trainer's."""
+    worker = start_trainer_worker(
+        stack_redis_url, str(tiny_model), tmp_path_factory.mktemp("e2e-trainer"), checkpoint_root=checkpoint_root
+    )
+    yield worker
+    worker.stop()
+
+
+@pytest.fixture
+async def backend(stack_redis_url, inference, trainer, tmp_path) -> AsyncIterator[QueueBackend]:
+    async with QueueBackend(
+        stack_redis_url, inference_base_url=f"{inference.base_url}/v1", inference_api_key=API_KEY, path=str(tmp_path)
+    ) as backend:
+        yield backend
+
+
+async def rollout(client: openai.AsyncOpenAI, model: TrainableModel, prompt: str) -> Trajectory:
+    messages = [{"role": "user", "content": prompt}]
+    completion = await client.chat.completions.create(
+        model=model.get_inference_name(0),
+        messages=messages,
+        max_tokens=12,
+        temperature=1.0,
+        logprobs=True,
+        extra_body={"return_tokens_as_token_ids": True},
+    )
+    choice = Choice.from_openai(completion)
+    # Any reward that varies within a group will do: the scenario is about plumbing, not learning.
+    return Trajectory([*messages, choice], reward=float(len(set(choice.token_ids))))
+
+
+async def greedy(client: openai.AsyncOpenAI, inference_name: str) -> Choice:
+    completion = await client.chat.completions.create(
+        model=inference_name,
+        messages=[{"role": "user", "content": PROMPTS[0]}],
+        max_tokens=8,
+        temperature=0.0,
+        logprobs=True,
+        extra_body={"return_tokens_as_token_ids": True},
+    )
+    return Choice.from_openai(completion)
+
+
+async def test_sample_train_and_serve_the_next_step(backend, inference, tiny_model):
+    model = TrainableModel("agent", "e2e", base_model=str(tiny_model))
+    await model.register(backend)
+    await inference.wait_models({"agent@0"}, timeout=180)
+
+    async with model.openai_client(max_retries=0) as client:
+        groups = [
+            TrajectoryGroup(await asyncio.gather(*(rollout(client, model, prompt) for _ in range(4))))
+            for prompt in PROMPTS
+        ]
+        assert all(g.effective_sampled_step() == 0 for g in groups)
+        before = await greedy(client, model.get_inference_name(0))
+
+        result = await backend.train(model, groups, learning_rate=5e-2, timeout=120)
+        await model.log(groups, metrics=result.metrics, step=result.step, split="train")
+
+        assert result.step == 1
+        assert model.get_inference_name() == "agent@1"
+        await inference.wait_models({"agent@0", "agent@1"}, timeout=60)
+        after = await greedy(client, "agent@1")
+        still = await greedy(client, "agent@0")
+
+    assert len(after.token_ids) == len(after.logprobs) > 0
+    assert after.sampled_step == 1
+    assert (still.token_ids, still.logprobs) == (before.token_ids, before.logprobs)
+    assert (after.token_ids, after.logprobs) != (before.token_ids, before.logprobs)
