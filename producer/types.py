@@ -333,8 +333,8 @@ def _validate_trajectory(trajectory: Trajectory, where: str, allow_missing_logpr
         if isinstance(item, Choice):
             n_choices += 1
             _validate_choice(item, at, allow_missing_logprobs)
-        elif item.get("role") not in _MESSAGE_ROLES:
-            raise ValueError(f"{at}.role: must be one of {sorted(_MESSAGE_ROLES)}, got {item.get('role')!r}")
+        elif not isinstance(role := item.get("role"), str) or role not in _MESSAGE_ROLES:
+            raise ValueError(f"{at}.role: must be one of {sorted(_MESSAGE_ROLES)}, got {role!r}")
     if n_choices == 0:
         raise ValueError(f"{where}.messages_and_choices: no sampled Choice to train on")
 
