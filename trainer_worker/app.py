@@ -139,4 +139,5 @@ def _build_runner(state: _State) -> object:
         max_tokens_per_microbatch=settings.max_tokens_per_microbatch,
         seed=settings.seed,
     )
-    return JobRunner(client, trainer, base_model=settings.base_model, worker_name=state.hostname)
+    return JobRunner(client, trainer, base_model=settings.base_model, worker_name=state.hostname,
+                     max_payload_bytes=settings.max_payload_bytes)

@@ -58,6 +58,8 @@ _REJECTIONS = (ValueError, TypeError, LookupError, msgspec.DecodeError, msgspec.
 
 _REDIS_RETRY_S = 120.0  # how long a finished job's record waits for Redis to come back
 
+DEFAULT_MAX_PAYLOAD_BYTES = 256 * 1024 * 1024  # the same default as QueueBackend's
+
 T = TypeVar("T")
 
 
@@ -65,14 +67,54 @@ class JobRejected(Exception):
     """The job cannot run as given; its message names what is wrong."""
 
 
+def decode_request(
+    raw: object, *, base_model: str, max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
+) -> TrainRequest:
+    """Decode and check a Celery message's argument; ``JobRejected`` says what is wrong.
+
+    Args:
+        raw: the task's single argument, expected to be the msgpack of a ``TrainRequest``.
+        base_model: the base model this worker serves; a job for another one is rejected.
+        max_bytes: a larger argument is rejected before it is decoded.
+    """
+    if not isinstance(raw, bytes):
+        raise JobRejected(
+            f"the task argument must be msgpack bytes of a TrainRequest, got {type(raw).__name__}"
+        )
+    if len(raw) > max_bytes:
+        raise JobRejected(f"the TrainRequest is {len(raw):,} bytes, over the limit of {max_bytes:,}")
+    try:
+        request = _request_decoder.decode(raw)
+        request.model.validate()
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+        raise JobRejected(f"invalid TrainRequest: {exc}") from exc
+    if request.model.base_model != base_model:
+        raise JobRejected(
+            f"job is for base model {request.model.base_model!r}, this worker serves {base_model!r}"
+        )
+    return request
+
+
+def decode_groups(payload: bytes, *, allow_missing_logprobs: bool = False) -> list[TrajectoryGroup]:
+    """Decode and validate a train job's groups; ``ValueError`` names the first bad field."""
+    try:
+        groups = _groups_decoder.decode(payload)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ValueError(f"invalid groups payload: {exc}") from exc
+    validate_groups(groups, allow_missing_logprobs=allow_missing_logprobs)
+    return groups
+
+
 class JobRunner:
     """Runs jobs for one base model on one ``Trainer``, recording each in Redis."""
 
-    def __init__(self, redis_client: redis.Redis, trainer: Trainer, *, base_model: str, worker_name: str) -> None:
+    def __init__(self, redis_client: redis.Redis, trainer: Trainer, *, base_model: str, worker_name: str,
+                 max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> None:
         self.redis = redis_client
         self.trainer = trainer
         self.base_model = base_model
         self.worker_name = worker_name
+        self.max_payload_bytes = max_payload_bytes
 
     def run(self, raw: object) -> None:
         """Run the job in a Celery message's argument; never raises for a bad job."""
@@ -97,18 +139,7 @@ class JobRunner:
     # --------------------------------------------------------------- stages
 
     def _decode(self, raw: object) -> TrainRequest:
-        if not isinstance(raw, bytes):
-            raise JobRejected(f"the task argument must be msgpack bytes of a TrainRequest, got {type(raw).__name__}")
-        try:
-            request = _request_decoder.decode(raw)
-            request.model.validate()
-        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
-            raise JobRejected(f"invalid TrainRequest: {exc}") from exc
-        if request.model.base_model != self.base_model:
-            raise JobRejected(
-                f"job is for base model {request.model.base_model!r}, this worker serves {self.base_model!r}"
-            )
-        return request
+        return decode_request(raw, base_model=self.base_model, max_bytes=self.max_payload_bytes)
 
     def _claim(self, request: TrainRequest) -> bool:
         verdict = self.redis.eval(
@@ -138,19 +169,23 @@ class JobRunner:
             latest = self.trainer.register(ref)  # the latest step, unchanged
             return JobOutcome(step=latest.step, checkpoint_path=latest.checkpoint_path, deleted_steps=deleted)
         groups = self._load_groups(request)
-        validate_groups(groups, allow_missing_logprobs=request.config.allow_training_without_logprobs)
         return self.trainer.train(request.job_id, ref, request.config, groups)
 
     def _load_groups(self, request: TrainRequest) -> list[TrajectoryGroup]:
         if request.payload_key != keys.payload_key(request.job_id):
             raise ValueError(f"payload_key must be {keys.payload_key(request.job_id)!r}, got {request.payload_key!r}")
+        # STRLEN first, so an oversized payload is refused without being read into memory.
+        size = self.redis.strlen(request.payload_key)
+        if size == 0:
+            raise LookupError(f"the job's groups are gone from {request.payload_key} (expired or deleted)")
+        if size > self.max_payload_bytes:
+            raise ValueError(
+                f"payload: {size:,} bytes, over this worker's --max-payload-bytes={self.max_payload_bytes:,}"
+            )
         payload = self.redis.get(request.payload_key)
         if payload is None:
             raise LookupError(f"the job's groups are gone from {request.payload_key} (expired or deleted)")
-        try:
-            return _groups_decoder.decode(payload)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise ValueError(f"invalid groups payload: {exc}") from exc
+        return decode_groups(payload, allow_missing_logprobs=request.config.allow_training_without_logprobs)
 
     # -------------------------------------------------------------- records
 

@@ -22,5 +22,10 @@ class TrainerSettings(ServiceSettings):
         gt=0,
         description="Seconds before Redis re-delivers a taken, unacknowledged job; must exceed the longest job.",
     )
+    max_payload_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=1024,
+        description="A job whose groups payload (or request) is larger is refused before it is decoded.",
+    )
     seed: int = Field(0, description="Seed of the LoRA initialisation.")
     hostname: str = Field("", description="Celery worker name (default: trainer@<host>).")
