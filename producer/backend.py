@@ -5,7 +5,7 @@ from __future__ import annotations
 import abc
 from typing import TYPE_CHECKING, TypedDict
 
-from producer.types import TrainConfig, TrainResult, TrajectoryGroup
+from producer.types import ImportanceSamplingLevel, TrainConfig, TrainResult, TrajectoryGroup
 
 if TYPE_CHECKING:
     from typing import Unpack
@@ -29,7 +29,7 @@ class TrainOptions(TypedDict, total=False):
     epsilon: float | None
     epsilon_high: float | None
     scale_rewards: bool
-    importance_sampling_level: str
+    importance_sampling_level: ImportanceSamplingLevel
     max_staleness: int | None
     allow_training_without_logprobs: bool
 

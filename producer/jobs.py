@@ -8,6 +8,7 @@ a job's status. Any process that knows a job id can rebuild the handle.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -54,15 +55,15 @@ class JobRecord(msgspec.Struct, kw_only=True):
     error: str = ""
 
     @classmethod
-    def from_hash(cls, job_id: str, fields: dict[bytes, bytes]) -> JobRecord:
-        text = {k.decode(): v for k, v in fields.items()}
+    def from_hash(cls, job_id: str, fields: Mapping[bytes | str, bytes | str]) -> JobRecord:
+        text = {_text(k): v for k, v in fields.items()}
         outcome = text.pop("result", None)
-        values: dict[str, Any] = {k: v.decode() for k, v in text.items() if k in _RECORD_FIELDS}
+        values: dict[str, Any] = {k: _text(v) for k, v in text.items() if k in _RECORD_FIELDS}
         return msgspec.convert(
             {
                 **values,
                 "job_id": job_id,
-                "outcome": msgspec.msgpack.decode(outcome, type=JobOutcome) if outcome else None,
+                "outcome": _outcome_decoder.decode(outcome) if isinstance(outcome, bytes) else None,
             },
             cls,
             strict=False,
@@ -85,6 +86,11 @@ class JobRecord(msgspec.Struct, kw_only=True):
         )
 
 
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+_outcome_decoder = msgspec.msgpack.Decoder(JobOutcome)
 _RECORD_FIELDS = frozenset(f for f in JobRecord.__struct_fields__ if f not in ("job_id", "outcome"))
 
 
