@@ -8,6 +8,10 @@ of a ``TrainRequest``; the groups travel beside it under a claim-check key.
 
 from __future__ import annotations
 
+import ssl
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
 import msgspec
 from celery import Celery
 from kombu.serialization import register
@@ -49,7 +53,15 @@ def build_celery_app(
     """
     _register_serializer()
     app = Celery(name, broker=redis_url, set_as_current=False)
-    transport_options = {"visibility_timeout": visibility_timeout_s}
+    transport_options = {
+        "visibility_timeout": visibility_timeout_s,
+        # kombu hands a dead worker's unacknowledged job out again from a sweep that runs
+        # when a worker starts and then every interval * throttle seconds (100 s by default).
+        # One sweep is one ZRANGE on a small set: run it every few seconds, so a job waits
+        # about visibility_timeout after its worker died, not up to 100 s more.
+        "unacked_restore_interval": min(10.0, max(1.0, visibility_timeout_s / 4)),
+        "unacked_restore_throttle": 1,
+    }
     app.conf.update(
         task_serializer=SERIALIZER,
         result_serializer=SERIALIZER,
@@ -63,5 +75,31 @@ def build_celery_app(
         task_create_missing_queues=True,
         worker_hijack_root_logger=False,
         enable_utc=True,
+        broker_use_ssl=broker_ssl_options(redis_url),
     )
     return app
+
+
+_CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
+
+
+def broker_ssl_options(redis_url: str) -> dict[str, Any] | None:
+    """The TLS options of a ``rediss://`` URL for kombu, read as redis-py reads them; ``None`` for ``redis://``.
+
+    The server's certificate is verified unless the URL says ``ssl_cert_reqs=none``
+    (kombu on its own would skip verification for a bare ``rediss://``); a private
+    CA is given with ``ssl_ca_certs=/path/ca.pem``, a client certificate with
+    ``ssl_certfile`` and ``ssl_keyfile``.
+    """
+    parts = urlsplit(redis_url)
+    if parts.scheme != "rediss":
+        return None
+    query = {key: values[-1] for key, values in parse_qs(parts.query).items()}
+    reqs = query.get("ssl_cert_reqs", "required").lower().removeprefix("cert_")
+    if reqs not in _CERT_REQS:
+        raise ValueError(f"ssl_cert_reqs in the Redis URL must be none, optional or required, got {reqs!r}")
+    options: dict[str, Any] = {"ssl_cert_reqs": _CERT_REQS[reqs]}
+    for key in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+        if key in query:
+            options[key] = query[key]
+    return options
