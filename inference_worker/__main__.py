@@ -32,15 +32,16 @@ def resolve_model_path(base_model: str) -> str:
 
 async def serve(settings: InferenceSettings, model_path: str) -> None:
     """Run vLLM and the watcher until SIGTERM or SIGINT, then stop both (and vLLM's processes)."""
+    import prometheus_client
+
     from inference_worker.adapters import AdapterManager
     from inference_worker.metrics import InferenceMetrics
     from inference_worker.supervisor import VLLMSupervisor
     from inference_worker.vllm_client import VLLMClient
     from inference_worker.watcher import CheckpointWatcher
 
-    import prometheus_client
-
-    prometheus_client.disable_created_metrics()  # *_created series double the output and no dashboard reads them
+    # *_created series double the output and no dashboard reads them.
+    prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
     metrics = InferenceMetrics()
     if settings.metrics_port:
         metrics.serve(settings.metrics_port, addr=settings.host)

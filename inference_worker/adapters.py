@@ -44,6 +44,9 @@ class AdapterManager:
         self._lock = asyncio.Lock()
         self.wanted: dict[str, Adapter] = {}
         self.loaded: set[str] = set()
+        # False until vLLM first answers: a replay at start then only fills ``wanted``
+        # instead of trying (and failing) one HTTP call per retained checkpoint.
+        self.vllm_ready = False
 
     async def add(self, adapter: Adapter) -> None:
         """Serve ``adapter``; a name seen before with another checkpoint is replaced in place."""
@@ -57,12 +60,15 @@ class AdapterManager:
                     adapter.name, adapter.model_key, previous.model_key,
                 )
             self.wanted[adapter.name] = adapter
-            await self._load(adapter, replace=adapter.name in self.loaded)
+            if self.vllm_ready:
+                await self._load(adapter, replace=adapter.name in self.loaded)
 
     async def remove(self, name: str) -> None:
         """Stop serving ``name``: later requests for it get vLLM's 404."""
         async with self._lock:
             self.wanted.pop(name, None)
+            if not self.vllm_ready:
+                return
             try:
                 await self._client.unload_adapter(name)
             except VLLMUnavailableError:
@@ -75,6 +81,7 @@ class AdapterManager:
     async def reload_all(self) -> None:
         """Load every wanted adapter into a freshly started vLLM (which has none)."""
         async with self._lock:
+            self.vllm_ready = True
             self.loaded.clear()
             self._metrics.adapters_loaded.set(0)
             started = time.monotonic()
@@ -84,6 +91,7 @@ class AdapterManager:
 
     def forget_loaded(self) -> None:
         """vLLM died: nothing is loaded any more."""
+        self.vllm_ready = False
         self.loaded.clear()
         self._metrics.adapters_loaded.set(0)
 

@@ -177,7 +177,7 @@ class VLLMSupervisor:
         _signal_group(process.pid, signal.SIGTERM)
         try:
             await asyncio.wait_for(process.wait(), _STOP_GRACE_S)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("vLLM did not stop within %.0f s; killing it", _STOP_GRACE_S)
         # The leader may be gone while its engine processes linger: the group goes too.
         _signal_group(process.pid, signal.SIGKILL)

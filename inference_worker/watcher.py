@@ -133,10 +133,10 @@ class CheckpointWatcher:
     async def _read(self) -> list[tuple[str, dict[str, Any]]]:
         """The next entries after ``position``, waiting up to a few seconds; Redis errors translated here."""
         try:
-            reply = await self._redis.xread({self._stream: self.position}, count=_BATCH, block=_BLOCK_MS)
+            reply: Any = await self._redis.xread({self._stream: self.position}, count=_BATCH, block=_BLOCK_MS)
         except RedisError as exc:
             raise BackendUnavailableError(f"reading {self._stream} from Redis failed: {exc!r}") from exc
         if not reply:
             return []
-        _stream, entries = reply[0]
-        return entries
+        _stream, entries = reply[0]  # RESP2 (redis-py's default): [[stream, [(id, fields), ...]]]
+        return list(entries)

@@ -81,7 +81,8 @@ def _as_dict(value: Any) -> dict[str, Any]:
     """A pydantic model (openai's types) or a dict, as a plain JSON-able dict."""
     if isinstance(value, dict):
         return value
-    return value.model_dump(mode="json", exclude_none=True)
+    dumped: dict[str, Any] = value.model_dump(mode="json", exclude_none=True)
+    return dumped
 
 
 def _get(obj: Any, key: str) -> Any:
