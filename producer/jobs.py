@@ -7,6 +7,7 @@ a job's status. Any process that knows a job id can rebuild the handle.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -15,7 +16,13 @@ import msgspec
 
 from producer import keys
 from producer._redis import translated_errors
-from producer.errors import JobCancelledError, JobFailedError, JobNotFoundError, TrainTimeoutError
+from producer.errors import (
+    BackendUnavailableError,
+    JobCancelledError,
+    JobFailedError,
+    JobNotFoundError,
+    TrainTimeoutError,
+)
 from producer.types import JobOutcome, JobStatus, QueueTrainResult
 
 if TYPE_CHECKING:
@@ -36,6 +43,8 @@ return 0
 """
 
 _WAIT_SLICE_S = 1.0  # re-read the record at least this often, in case a notification was missed
+RECONNECT_GRACE_S = 30.0
+"""How long a caller waiting on a job rides out lost contact with Redis (a restart) before it raises."""
 
 
 class JobRecord(msgspec.Struct, kw_only=True):
@@ -91,6 +100,15 @@ def _text(value: bytes | str) -> str:
 
 
 _outcome_decoder = msgspec.msgpack.Decoder(JobOutcome)
+class _ContactLost(Exception):
+    """Redis went away while waiting; ``contact_at`` is when it last answered, if it did."""
+
+    def __init__(self, error: BackendUnavailableError, contact_at: float | None) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.contact_at = contact_at
+
+
 _RECORD_FIELDS = frozenset(f for f in JobRecord.__struct_fields__ if f not in ("job_id", "outcome"))
 
 
@@ -129,26 +147,54 @@ class TrainJob:
             )
         return bool(done)
 
-    async def result(self, timeout: float | None = None) -> QueueTrainResult:
+    async def result(
+        self, timeout: float | None = None, *, reconnect_grace_s: float = RECONNECT_GRACE_S
+    ) -> QueueTrainResult:
         """Wait for the job to end and return its result.
 
         Raises ``JobFailedError`` or ``JobCancelledError`` for a job that ended
         otherwise, ``TrainTimeoutError`` after ``timeout`` seconds (the job goes
-        on), ``BackendUnavailableError`` if Redis cannot be reached.
+        on). Lost contact with Redis is retried, with backoff, for
+        ``reconnect_grace_s`` seconds (a restart); after that, or past
+        ``timeout``, it raises ``BackendUnavailableError`` and the job goes on.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        with translated_errors(f"waiting for job {self.job_id}"):
+        last_contact = time.monotonic()
+        delay = 0.1
+        while True:
+            try:
+                return await self._wait(deadline, timeout)
+            except _ContactLost as lost:
+                if lost.contact_at is not None:
+                    last_contact, delay = lost.contact_at, 0.1
+                now = time.monotonic()
+                if now - last_contact > reconnect_grace_s or (deadline is not None and now >= deadline):
+                    raise lost.error
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def _wait(self, deadline: float | None, timeout: float | None) -> QueueTrainResult:
+        """One subscription's worth of waiting; ``_ContactLost`` when Redis goes away."""
+        contact_at: float | None = None
+        try:
             async with self._redis.pubsub() as pubsub:
                 # Subscribe before reading the record, so a change between the two is not missed.
-                await pubsub.subscribe(keys.job_channel(self.job_id))
+                with translated_errors(f"waiting for job {self.job_id}"):
+                    await pubsub.subscribe(keys.job_channel(self.job_id))
                 while True:
                     record = await self.record()
+                    contact_at = time.monotonic()
                     if record.status.is_terminal:
                         return record.to_result()
                     remaining = _WAIT_SLICE_S if deadline is None else deadline - time.monotonic()
                     if remaining <= 0:
                         raise TrainTimeoutError(self.job_id, timeout or 0.0)
-                    await pubsub.get_message(ignore_subscribe_messages=True, timeout=min(remaining, _WAIT_SLICE_S))
+                    with translated_errors(f"waiting for job {self.job_id}"):
+                        await pubsub.get_message(
+                            ignore_subscribe_messages=True, timeout=min(remaining, _WAIT_SLICE_S)
+                        )
+        except BackendUnavailableError as exc:
+            raise _ContactLost(exc, contact_at) from exc
 
     async def wait(self, timeout: float | None = None) -> JobStatus:
         """Wait for the job to end, without raising for failure; returns the final status."""
