@@ -113,8 +113,13 @@ class ExceptionInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
 MessageOrChoice = dict[str, Any] | Choice
 
 
-class Trajectory(msgspec.Struct):
-    """One rollout: the conversation (chat message dicts and sampled ``Choice`` s) and its reward."""
+class Trajectory(msgspec.Struct, array_like=True):
+    """One rollout: the conversation (chat message dicts and sampled ``Choice`` s) and its reward.
+
+    Encoded as an array (fields by position): a payload holds thousands of
+    trajectories, and field names in each would cost bytes and decode time
+    (bench/bench_payload.py). New fields therefore go last, with a default.
+    """
 
     messages_and_choices: list[MessageOrChoice]
     reward: float = 0.0
@@ -128,8 +133,10 @@ class Trajectory(msgspec.Struct):
         return [item for item in self.messages_and_choices if isinstance(item, Choice)]
 
 
-class TrajectoryGroup(msgspec.Struct):
+class TrajectoryGroup(msgspec.Struct, array_like=True):
     """Trajectories of one prompt, compared with each other for advantages.
+
+    Encoded as an array, as ``Trajectory`` is; new fields go last, with a default.
 
     ``sampled_step`` is the adapter step the group was sampled at; when left
     ``None`` it is derived from the choices' ``sampled_step`` (the oldest one).
