@@ -56,6 +56,9 @@ if TYPE_CHECKING:
 __all__ = ["LocalBackend", "StackInfo", "read_stack"]
 
 STACK_FILE = "stack.json"
+# Signals a child gets when its owner dies uncleanly. The trainer gets Celery's cold
+# shutdown: a warm one would wait for a job that can no longer report to the dead Redis.
+_DEATH_SIGNALS = {"trainer": signal.SIGQUIT}
 _STOP_GRACE_S = 30.0  # a trainer in warm shutdown finishes its step; vLLM needs ~10 s to exit
 
 
@@ -332,7 +335,7 @@ class LocalBackend(QueueBackend):
             # The parent-death signal stops the stack if we die without cleaning up (SIGKILL, crash).
             self._owned[role] = subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                start_new_session=True, preexec_fn=_die_with_parent,
+                start_new_session=True, preexec_fn=partial(_die_with_parent, _DEATH_SIGNALS.get(role, signal.SIGTERM)),
             )
 
     async def _wait_all(self, checks: dict[str, Callable[[], bool]], timeout: float | None = None) -> None:
@@ -501,14 +504,14 @@ def _terminate(process: subprocess.Popen[bytes]) -> None:
         process.wait(5)
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM when the starting thread dies, so no stack outlives its owner (Linux)."""
+def _die_with_parent(sig: int) -> None:
+    """In the child, before exec: ``sig`` when the starting thread dies, so no stack outlives its owner (Linux)."""
     if sys.platform != "linux":
         return
     import ctypes
 
     pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(sig))
 
 
 def _write_private(path: Path, data: bytes) -> None:
