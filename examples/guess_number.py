@@ -19,11 +19,15 @@ import asyncio
 import random
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from producer import Choice, TrainableModel, Trajectory
 from producer.backend import Backend
 from producer.base_models import EMBEDDED_DEFAULT
 from producer.gather import gather_trajectory_groups
+
+if TYPE_CHECKING:
+    from openai import AsyncOpenAI
 
 RULES = (
     "Let's play a game. I am thinking of a whole number between 1 and 100. "
@@ -68,9 +72,8 @@ def score(secret: int, guesses: list[int | None]) -> float:
     return max(reward, 0.0)
 
 
-async def play(model: TrainableModel, secret: int, config: Config) -> Trajectory:
+async def play(client: AsyncOpenAI, model: TrainableModel, secret: int, config: Config) -> Trajectory:
     """One game; the same secret for every game of a group, so rewards compare like for like."""
-    client = model.openai_client()
     messages_and_choices: list = [{"role": "user", "content": RULES}]
     messages: list[dict] = [{"role": "user", "content": RULES}]
     guesses: list[int | None] = []
@@ -107,16 +110,22 @@ async def main(backend: Backend, config: Config | None = None) -> None:
     rng = random.Random(config.seed)
     model = TrainableModel(config.name, config.project, base_model=config.base_model)
     await model.register(backend)
-    for _ in range(config.steps):
-        secrets = [rng.randint(1, 100) for _ in range(config.groups_per_step)]
-        groups = await gather_trajectory_groups(
-            ([play(model, secret, config) for _ in range(config.group_size)] for secret in secrets),
-            pbar_desc=f"play @{model.get_inference_name()}",
-            max_exceptions=0.1,
-        )
-        result = await backend.train(model, groups, learning_rate=config.learning_rate)
-        logged = await model.log(groups, metrics=result.metrics, step=result.step, split="train")
-        print(f"step {result.step}: reward {logged['reward']:.3f}, found {logged.get('found', 0):.2f}", flush=True)
+    async with model.openai_client() as client:
+        for _ in range(config.steps):
+            await _step(backend, model, client, config, rng)
+
+
+async def _step(backend: Backend, model: TrainableModel, client: AsyncOpenAI, config: Config, rng: random.Random) -> None:
+    """One train step: play a group of games per secret, train on them, log them."""
+    secrets = [rng.randint(1, 100) for _ in range(config.groups_per_step)]
+    groups = await gather_trajectory_groups(
+        ([play(client, model, secret, config) for _ in range(config.group_size)] for secret in secrets),
+        pbar_desc=f"play @{model.get_inference_name()}",
+        max_exceptions=0.1,
+    )
+    result = await backend.train(model, groups, learning_rate=config.learning_rate)
+    logged = await model.log(groups, metrics=result.metrics, step=result.step, split="train")
+    print(f"step {result.step}: reward {logged['reward']:.3f}, found {logged.get('found', 0):.2f}", flush=True)
 
 
 if __name__ == "__main__":

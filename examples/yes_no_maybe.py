@@ -19,11 +19,15 @@ import itertools
 import random
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from producer import Choice, TrainableModel, Trajectory
 from producer.backend import Backend
 from producer.base_models import EMBEDDED_DEFAULT
 from producer.gather import gather_trajectory_groups
+
+if TYPE_CHECKING:
+    from openai import AsyncOpenAI
 
 REWARDS = {"yes": 1.0, "no": 0.5, "maybe": 0.25}
 
@@ -59,10 +63,12 @@ def reward_for(text: str | None) -> float:
     return REWARDS.get(answer, 0.0)
 
 
-async def rollout(model: TrainableModel, prompt: str, *, max_tokens: int, temperature: float) -> Trajectory:
+async def rollout(
+    client: AsyncOpenAI, model: TrainableModel, prompt: str, *, max_tokens: int, temperature: float
+) -> Trajectory:
     """Ask once; the sampled choice (token ids and logprobs) goes into the trajectory verbatim."""
     messages = [{"role": "system", "content": SYSTEM_PROMPT}, *FEW_SHOT, {"role": "user", "content": prompt}]
-    completion = await model.openai_client().chat.completions.create(
+    completion = await client.chat.completions.create(
         model=model.get_inference_name(),
         messages=messages,  # type: ignore[arg-type]
         max_tokens=max_tokens,
@@ -109,14 +115,20 @@ async def main(backend: Backend, config: Config | None = None) -> list[StepRecor
     prompts = build_prompts()
     model = TrainableModel(config.name, config.project, base_model=config.base_model)
     await model.register(backend)
+    async with model.openai_client() as client:
+        return await _loop(backend, model, client, config, rng, prompts)
 
+
+async def _loop(
+    backend: Backend, model: TrainableModel, client: AsyncOpenAI, config: Config, rng: random.Random, prompts: list[str]
+) -> list[StepRecord]:
     records: list[StepRecord] = []
     for _ in range(config.steps):
         started = time.monotonic()
         groups = await gather_trajectory_groups(
             (
                 [
-                    rollout(model, prompt, max_tokens=config.max_tokens, temperature=config.temperature)
+                    rollout(client, model, prompt, max_tokens=config.max_tokens, temperature=config.temperature)
                     for _ in range(config.group_size)
                 ]
                 for prompt in rng.sample(prompts, config.groups_per_step)

@@ -77,7 +77,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         try:
             stack = await backend.start()
-            if stack.owner_pid != os.getpid():
+            if not backend.owns_stack:
                 print(f"a stack already runs under {args.path} (pid {stack.owner_pid}); nothing to do")
                 return 0
             print(_describe_stack(stack, args.path), flush=True)

@@ -139,6 +139,8 @@ class LocalBackend(QueueBackend):
         self.progress = progress
         self.stack: StackInfo | None = None
         self._owned: dict[str, subprocess.Popen[bytes]] = {}
+        self.owns_stack = False
+        """Whether this backend started the stack (and stops it), rather than reusing another's."""
         self._started_lock = asyncio.Lock()
         self._connected = False
 
@@ -220,9 +222,10 @@ class LocalBackend(QueueBackend):
             if process is not None:
                 self._say(f"stopping {role} (pid {process.pid})")
                 _terminate(process)
-        if self.stack is not None and self.stack.owner_pid == os.getpid():
+        if self.owns_stack:
             with contextlib.suppress(FileNotFoundError):
                 Path(self.path, STACK_FILE).unlink()
+        self.owns_stack = False
         self.stack = None
 
     # ----------------------------------------------------------- stack start
@@ -249,6 +252,7 @@ class LocalBackend(QueueBackend):
                 self.stop()
                 raise
             _write_private(root / STACK_FILE, msgspec.json.format(msgspec.json.encode(stack)))
+            self.owns_stack = True
             return stack
 
     async def _start_stack(self, base_model: str, root: Path) -> StackInfo:

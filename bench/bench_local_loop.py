@@ -1,0 +1,139 @@
+"""The yes/no/maybe loop in one process, no services: the floor for ``trainq demo``'s step time.
+
+Sampling is ``transformers`` ``generate`` on the trainer's own model (the
+LoRA adapter as trained so far), training is ``trainer_worker.core.trainer.Trainer``
+called directly: no Redis, no Celery, no vLLM, no checkpoint reload by a second
+process. The demo's step should stay within 1.5x of this.
+
+    python bench/bench_local_loop.py [--steps 5] [--base-model trainq/smollm2-135m-instruct]
+
+Prints a table of seconds per step (sample, train, total) and the reward, then exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import random
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+
+def load_example() -> object:
+    path = Path(__file__).resolve().parent.parent / "examples" / "yes_no_maybe.py"
+    spec = importlib.util.spec_from_file_location("bench_yes_no_maybe", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def sample_group(trainer, example, prompt: str, group_size: int, max_tokens: int, temperature: float, step: int):
+    """``group_size`` completions of one prompt, as ``Trajectory`` s with the sampler's token ids and logprobs."""
+    import torch
+
+    from producer.types import Choice, ChoiceMessage, Trajectory
+
+    tokenizer = trainer.tokenizer
+    model = trainer._loaded.model  # the trainer's live model: base plus the current adapter
+    messages = [{"role": "system", "content": example.SYSTEM_PROMPT}, *example.FEW_SHOT, {"role": "user", "content": prompt}]
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    inputs = {k: v.to(trainer._loaded.device) for k, v in inputs.items()}
+    prompt_len = inputs["input_ids"].shape[1]
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(
+            **inputs,
+            do_sample=True,
+            temperature=temperature,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=max_tokens,
+            num_return_sequences=group_size,
+            output_scores=True,
+            return_dict_in_generate=True,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    # Logprobs under the sampling distribution (temperature applied), as vLLM reports them.
+    scores = torch.stack(out.scores, dim=1).float()  # (G, T, V)
+    logprobs = torch.log_softmax(scores, dim=-1)
+    sampled = out.sequences[:, prompt_len:]  # (G, T)
+    token_logprobs = logprobs.gather(-1, sampled.unsqueeze(-1)).squeeze(-1)  # (G, T)
+    eos = tokenizer.eos_token_id
+    trajectories = []
+    for g in range(group_size):
+        ids = sampled[g].tolist()
+        n = ids.index(eos) + 1 if eos in ids else len(ids)  # keep the end token, drop the padding after it
+        text = tokenizer.decode(ids[:n], skip_special_tokens=True)
+        choice = Choice(
+            token_ids=ids[:n],
+            logprobs=[min(0.0, float(lp)) for lp in token_logprobs[g, :n]],
+            message=ChoiceMessage(content=text),
+            finish_reason="stop" if n < len(ids) or (ids and ids[-1] == eos) else "length",
+            sampled_step=step,
+        )
+        trajectories.append(Trajectory([*messages, choice], reward=example.reward_for(text)))
+    return trajectories
+
+
+def main(argv: list[str] | None = None) -> int:
+    example = load_example()
+    defaults = example.Config()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--base-model", default=defaults.base_model)
+    parser.add_argument("--groups-per-step", type=int, default=defaults.groups_per_step)
+    parser.add_argument("--group-size", type=int, default=defaults.group_size)
+    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    parser.add_argument("--max-tokens", type=int, default=defaults.max_tokens)
+    parser.add_argument("--temperature", type=float, default=defaults.temperature)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from producer.base_models import resolve_base_model
+    from producer.types import ModelRef, TrainConfig, TrajectoryGroup
+    from trainer_worker.core.trainer import Trainer
+
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    prompts = example.build_prompts()
+    started = time.perf_counter()
+    path = resolve_base_model(args.base_model)
+    with tempfile.TemporaryDirectory() as root:
+        trainer = Trainer(path, root, device="cpu")
+        setup_s = time.perf_counter() - started
+        ref = ModelRef(project="bench", name="yes-no-maybe", base_model=args.base_model)
+        trainer.register(ref)
+        config = TrainConfig(learning_rate=args.learning_rate)
+        rows = []
+        for step in range(args.steps):
+            t0 = time.perf_counter()
+            groups = [
+                TrajectoryGroup(sample_group(trainer, example, p, args.group_size, args.max_tokens, args.temperature, step))
+                for p in rng.sample(prompts, args.groups_per_step)
+            ]
+            t1 = time.perf_counter()
+            outcome = trainer.train(uuid.uuid4().hex, ref, config, groups)
+            t2 = time.perf_counter()
+            rewards = [t.reward for g in groups for t in g.trajectories]
+            rows.append((step, sum(rewards) / len(rewards), outcome.metrics.get("loss", 0.0), t1 - t0, t2 - t1, t2 - t0))
+            print(f"step {step}: reward {rows[-1][1]:.3f} sample {t1 - t0:.1f} s train {t2 - t1:.1f} s", flush=True)
+
+    print(f"\nin-process loop, {torch.get_num_threads()} torch threads, setup {setup_s:.1f} s, "
+          f"{args.groups_per_step}x{args.group_size} rollouts of <= {args.max_tokens} tokens per step")
+    print(f"{'step':>4}  {'reward':>6}  {'loss':>8}  {'sample s':>8}  {'train s':>7}  {'total s':>7}")
+    for step, reward, loss, sample_s, train_s, total_s in rows:
+        print(f"{step:>4}  {reward:>6.3f}  {loss:>+8.4f}  {sample_s:>8.1f}  {train_s:>7.1f}  {total_s:>7.1f}")
+    steady = rows[1:] or rows
+    print(f"mean seconds per step (after the first): {sum(r[5] for r in steady) / len(steady):.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
