@@ -59,7 +59,12 @@ STACK_FILE = "stack.json"
 # Signals a child gets when its owner dies uncleanly. The trainer gets Celery's cold
 # shutdown: a warm one would wait for a job that can no longer report to the dead Redis.
 _DEATH_SIGNALS = {"trainer": signal.SIGQUIT}
-_STOP_GRACE_S = 30.0  # a trainer in warm shutdown finishes its step; vLLM needs ~10 s to exit
+_STOP_GRACE_S = 30.0
+# A laptop-sized stack: vLLM's 4 GiB KV cache default and the trainer's 8192-token
+# micro-batches (full-vocabulary logits: ~1.6 GB each in float32 for a 49k vocabulary)
+# are sized for servers; these leave memory for the rest of the machine. Flags given win.
+_CPU_INFERENCE_DEFAULTS = {"--kv-cache-gib": "1", "--max-model-len": "4096"}
+_CPU_TRAINER_DEFAULTS = {"--max-tokens-per-microbatch": "2048"}  # a trainer in warm shutdown finishes its step; vLLM needs ~10 s to exit
 
 
 class StackInfo(msgspec.Struct, kw_only=True):
@@ -132,8 +137,8 @@ class LocalBackend(QueueBackend):
             "api_key": api_key,
             "device": device,
             "cache_dir": cache_dir,
-            "inference_args": list(inference_args or []),
-            "trainer_args": list(trainer_args or []),
+            "inference_args": _with_defaults(inference_args, _CPU_INFERENCE_DEFAULTS if device == "cpu" else {}),
+            "trainer_args": _with_defaults(trainer_args, _CPU_TRAINER_DEFAULTS if device == "cpu" else {}),
         }
         self.startup_timeout = startup_timeout
         self.progress = progress
@@ -383,6 +388,16 @@ class LocalBackend(QueueBackend):
 
 
 # ----------------------------------------------------------------- helpers
+
+
+def _with_defaults(args: list[str] | None, defaults: dict[str, str]) -> list[str]:
+    """``args`` plus each default flag that ``args`` does not set itself."""
+    args = list(args or [])
+    given = {arg.split("=", 1)[0] for arg in args if arg.startswith("--")}
+    for flag, value in defaults.items():
+        if flag not in given:
+            args += [flag, value]
+    return args
 
 
 def _child_env(cache_dir: str | None) -> dict[str, str]:
