@@ -151,3 +151,52 @@ class PrometheusAPI:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{expr!r} still empty after {timeout} s")
             time.sleep(0.25)
+
+
+@contextmanager
+def run_prometheus(workdir: Path, metrics: MetricsTargets) -> Iterator[PrometheusAPI]:
+    """Run Debian's ``prometheus`` on the project's config, rewritten to scrape ``metrics``; stop it after."""
+    binary = prometheus_tool("prometheus")
+    port = free_port()
+    config = rewrite_scrape_config(PROMETHEUS_CONFIG, metrics.targets, f"127.0.0.1:{port}")
+    config_path = workdir / "prometheus.yml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    log_path = workdir / "prometheus.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={config_path}",
+                f"--storage.tsdb.path={workdir / 'prometheus-data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--log.level=warn",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for_port(port, timeout=30, proc=proc)
+        api = PrometheusAPI(f"http://127.0.0.1:{port}")
+        _wait_ready(api, log_path)
+        yield api
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _wait_ready(api: PrometheusAPI, log_path: Path, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:  # the port opens before the TSDB is ready
+        try:
+            with urllib.request.urlopen(f"{api.base_url}/-/ready", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"prometheus not ready; log:\n{log_path.read_text()}")
+        time.sleep(0.1)
