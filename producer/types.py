@@ -349,7 +349,7 @@ def _validate_trajectory(trajectory: Trajectory, where: str, allow_missing_logpr
 def _validate_choice(choice: Choice, at: str, allow_missing_logprobs: bool) -> None:
     if not choice.token_ids:
         raise ValueError(f"{at}.token_ids: a sampled turn needs at least one token")
-    if any(tid < 0 for tid in choice.token_ids):
+    if min(choice.token_ids) < 0:
         raise ValueError(f"{at}.token_ids: token ids must be >= 0")
     if not choice.logprobs and allow_missing_logprobs:
         return
@@ -359,5 +359,7 @@ def _validate_choice(choice: Choice, at: str, allow_missing_logprobs: bool) -> N
             "they must be of equal length"
             + ("" if choice.logprobs else " (pass allow_training_without_logprobs=True to train without them)")
         )
-    if not all(math.isfinite(lp) and lp <= 0.0 for lp in choice.logprobs):
+    # max() and sum() loop in C, ~10x a generator over a million logprobs. A sum of
+    # values <= 0 is finite exactly when each one is: NaN and infinities propagate.
+    if not (max(choice.logprobs) <= 0.0 and math.isfinite(sum(choice.logprobs))):
         raise ValueError(f"{at}.logprobs: every logprob must be finite and <= 0")
