@@ -116,9 +116,10 @@ async def gather_trajectory_groups(
     total = sum(len(spec) if isinstance(spec, list) else 1 for spec in specs)
     progress = _Progress(pbar_desc, total, _exception_budget(max_exceptions, total))
 
-    rollout_tasks: list[asyncio.Task[Any]] = []
+    rollout_tasks: list[asyncio.Future[Any]] = []
     group_tasks: list[asyncio.Task[list[TrajectoryGroup]]] = []
     for spec in specs:
+        tasks: list[asyncio.Future[Any]]
         if isinstance(spec, list):
             tasks = [asyncio.ensure_future(_rollout(aw, progress)) for aw in spec]
         else:
@@ -204,7 +205,7 @@ async def _group_rollout(awaitable: Awaitable[TrajectoryGroup], progress: _Progr
     return group
 
 
-async def _finish_group(tasks: list[asyncio.Task[Any]], after_each: AfterEach | None) -> list[TrajectoryGroup]:
+async def _finish_group(tasks: list[asyncio.Future[Any]], after_each: AfterEach | None) -> list[TrajectoryGroup]:
     results = await asyncio.gather(*tasks)
     if len(results) == 1 and isinstance(results[0], TrajectoryGroup):
         group = results[0]

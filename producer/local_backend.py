@@ -36,6 +36,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -91,6 +92,17 @@ def read_stack(path: str | os.PathLike[str] = ".trainq") -> StackInfo | None:
         return None
 
 
+@dataclass(frozen=True)
+class _StackOptions:
+    redis_url: str | None
+    inference_port: int | None
+    api_key: str | None
+    device: str
+    cache_dir: str | None
+    inference_args: list[str]
+    trainer_args: list[str]
+
+
 class LocalBackend(QueueBackend):
     """Run (or reuse) Redis, a trainer worker and an inference worker on this machine.
 
@@ -131,15 +143,15 @@ class LocalBackend(QueueBackend):
         self.base_model = base_model
         self.inference_base_url: str | None = None
         self.inference_api_key: str | None = None
-        self._options = {
-            "redis_url": redis_url or os.environ.get("REDIS_URL") or None,
-            "inference_port": inference_port,
-            "api_key": api_key,
-            "device": device,
-            "cache_dir": cache_dir,
-            "inference_args": _with_defaults(inference_args, _CPU_INFERENCE_DEFAULTS if device == "cpu" else {}),
-            "trainer_args": _with_defaults(trainer_args, _CPU_TRAINER_DEFAULTS if device == "cpu" else {}),
-        }
+        self._options = _StackOptions(
+            redis_url=redis_url or os.environ.get("REDIS_URL") or None,
+            inference_port=inference_port,
+            api_key=api_key,
+            device=device,
+            cache_dir=cache_dir,
+            inference_args=_with_defaults(inference_args, _CPU_INFERENCE_DEFAULTS if device == "cpu" else {}),
+            trainer_args=_with_defaults(trainer_args, _CPU_TRAINER_DEFAULTS if device == "cpu" else {}),
+        )
         self.startup_timeout = startup_timeout
         self.progress = progress
         self.stack: StackInfo | None = None
@@ -263,13 +275,13 @@ class LocalBackend(QueueBackend):
     async def _start_stack(self, base_model: str, root: Path) -> StackInfo:
         started = time.monotonic()
         opts = self._options
-        env = _child_env(opts["cache_dir"])
+        env = _child_env(opts.cache_dir)
         self._say(f"starting the local stack under {root} for {base_model}")
         await self._materialise(base_model, env)
 
         pids: dict[str, int] = {}
         logs = {role: str((root / "logs" / f"{role}.log").resolve()) for role in ("redis", "trainer", "inference")}
-        redis_url = opts["redis_url"]
+        redis_url = opts.redis_url
         if redis_url is None:
             port = _free_port()
             redis_dir = root / "redis"
@@ -283,21 +295,21 @@ class LocalBackend(QueueBackend):
         else:
             await self._wait_all({"redis": partial(_redis_ping, redis_url)}, 10.0)
 
-        api_key = opts["api_key"] or secrets.token_urlsafe(24)
-        inference_port = opts["inference_port"] or _free_port()
+        api_key = opts.api_key or secrets.token_urlsafe(24)
+        inference_port = opts.inference_port or _free_port()
         metrics_ports = {"trainer": _free_port(), "inference": _free_port()}
         hostname = f"trainer-local-{os.getpid()}-{secrets.token_hex(3)}@{socket.gethostname()}"
         checkpoint_root = str((root / "checkpoints").resolve())
         common = ["--redis-url", redis_url, "--base-model", base_model, "--checkpoint-root", checkpoint_root]
         self._spawn("trainer", [
             sys.executable, "-m", "trainer_worker", *common,
-            "--metrics-port", str(metrics_ports["trainer"]), "--device", opts["device"], "--hostname", hostname,
-            *opts["trainer_args"],
+            "--metrics-port", str(metrics_ports["trainer"]), "--device", opts.device, "--hostname", hostname,
+            *opts.trainer_args,
         ], logs["trainer"], env)
         self._spawn("inference", [
             sys.executable, "-m", "inference_worker", *common,
             "--host", "127.0.0.1", "--port", str(inference_port),
-            "--metrics-port", str(metrics_ports["inference"]), *opts["inference_args"],
+            "--metrics-port", str(metrics_ports["inference"]), *opts.inference_args,
         ], logs["inference"], {**env, "TRAINQ_API_KEY": api_key})  # the key stays out of `ps`
 
         inference_base_url = f"http://127.0.0.1:{inference_port}/v1"
@@ -455,7 +467,7 @@ def _trainer_ready(redis_url: str, hostname: str) -> bool:
         return False
     if raw is None:
         return False
-    info = msgspec.msgpack.decode(raw)
+    info = msgspec.msgpack.decode(raw if isinstance(raw, bytes) else raw.encode())
     return isinstance(info, dict) and bool(info.get("ready_at"))
 
 
