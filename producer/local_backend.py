@@ -60,12 +60,15 @@ STACK_FILE = "stack.json"
 # Signals a child gets when its owner dies uncleanly. The trainer gets Celery's cold
 # shutdown: a warm one would wait for a job that can no longer report to the dead Redis.
 _DEATH_SIGNALS = {"trainer": signal.SIGQUIT}
-_STOP_GRACE_S = 30.0
-# A laptop-sized stack: vLLM's 4 GiB KV cache default and the trainer's 8192-token
-# micro-batches (full-vocabulary logits: ~1.6 GB each in float32 for a 49k vocabulary)
-# are sized for servers; these leave memory for the rest of the machine. Flags given win.
+_STOP_GRACE_S = 30.0  # a trainer in warm shutdown finishes its step; vLLM needs ~10 s to exit
+# A laptop-sized stack. vLLM's 4 GiB KV cache default and the trainer's 8192-token
+# micro-batches are sized for servers: a packed micro-batch of ~3000 tokens made the
+# training child of SmolLM2-135M peak at 10-11 GB (eager attention keeps a (heads, T, T)
+# matrix per layer for backward, and full-vocabulary logits) and the OOM killer took it.
+# 512 tokens keeps it near 1-2 GB and wastes less attention on masked cross-sequence
+# blocks. Flags given win.
 _CPU_INFERENCE_DEFAULTS = {"--kv-cache-gib": "1", "--max-model-len": "4096"}
-_CPU_TRAINER_DEFAULTS = {"--max-tokens-per-microbatch": "2048"}  # a trainer in warm shutdown finishes its step; vLLM needs ~10 s to exit
+_CPU_TRAINER_DEFAULTS = {"--max-tokens-per-microbatch": "512"}
 
 
 class StackInfo(msgspec.Struct, kw_only=True):
