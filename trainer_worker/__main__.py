@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -30,6 +31,11 @@ def resolve_in_subprocess(base_model: str) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     settings = parse_settings(TrainerSettings, argv, prog="python -m trainer_worker")
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # OpenMP threads that spin while waiting take the CPUs from the ones working
+    # whenever anything else runs beside the trainer (vLLM, rollouts, the embedded
+    # stack); a step on a busy 2-CPU box ran up to 10x slower (bench/bench_trainer.py).
+    # Read when torch loads, in the training child.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from trainer_worker.app import create_app
 
     app, state = create_app(settings, resolve_in_subprocess(settings.base_model))
