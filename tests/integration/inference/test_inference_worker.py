@@ -83,24 +83,25 @@ async def test_saved_event_makes_name_at_step_servable_with_token_ids(worker, ma
 
 
 async def test_unknown_name_at_step_is_a_404(worker):
-    await worker.wait_models({"alpha@0"})
+    await worker.wait_ready()
     async with client_of(worker) as client:
         with pytest.raises(openai.NotFoundError, match="alpha@99"):
             await sample(client, "alpha@99")
 
 
 async def test_requests_without_the_api_key_are_refused(worker):
-    await worker.wait_models({"alpha@0"})
+    await worker.wait_ready()
     async with httpx.AsyncClient(base_url=worker.base_url) as anonymous:
         assert (await anonymous.get("/v1/models")).status_code == 401
     async with client_of(worker, api_key="wrong-key") as client:
         with pytest.raises(openai.AuthenticationError):
-            await sample(client, "alpha@0")
+            await sample(client, "any-model")
 
 
 async def test_checkpoint_to_servable_latency_is_recorded(worker, make_adapter, publish):
     """Each event is published once the previous one is servable, so each sum delta is one latency."""
     paths = [make_adapter("delta", step, seed=20 + step) for step in range(5)]
+    await worker.wait_ready()  # else the first latency is vLLM's start
     key = ("trainq_checkpoint_to_servable_seconds", (("model", "inftest/delta"),))
     latencies = []
     for step, path in enumerate(paths):
@@ -112,9 +113,9 @@ async def test_checkpoint_to_servable_latency_is_recorded(worker, make_adapter, 
           f"median {statistics.median(latencies):.3f}")
     assert all(0.0 < latency < 30.0 for latency in latencies)
     metrics = worker.metrics()
-    assert metrics[("trainq_adapters_loaded", ())] >= 7
+    assert metrics[("trainq_adapters_loaded", ())] >= 5
     assert metrics[("trainq_vllm_up", ())] == 1.0
-    assert metrics[("trainq_checkpoint_events_total", (("kind", "saved"),))] >= 7
+    assert metrics[("trainq_checkpoint_events_total", (("kind", "saved"),))] >= 5
 
 
 async def _next_observation(worker: InferenceWorker, key, before, timeout: float = 10.0) -> float:
@@ -143,23 +144,25 @@ async def test_deleted_event_unloads_the_adapter(worker, make_adapter, publish):
 
 
 @pytest.mark.chaos
-async def test_killed_vllm_is_restarted_and_its_adapters_reloaded(worker):
-    await worker.wait_models({"alpha@0", "alpha@1"})
+async def test_killed_vllm_is_restarted_and_its_adapters_reloaded(worker, make_adapter, publish):
+    publish("saved", "zeta", 0, make_adapter("zeta", 0, seed=50))
+    await worker.wait_models({"zeta@0"})
+    loaded = await worker.model_ids()
     async with client_of(worker) as client:
-        before = await sample(client, "alpha@1")
+        before = await sample(client, "zeta@0")
     old_pid = worker.vllm_pid()
     assert old_pid is not None
 
     os.kill(old_pid, signal.SIGKILL)
     await _wait(lambda: worker.metrics()[("trainq_vllm_up", ())] == 0.0, timeout=15)
-    await worker.wait_models({"alpha@0", "alpha@1", "delta@4"}, timeout=180)
+    await worker.wait_models(loaded, timeout=180)
 
     assert worker.vllm_pid() not in (None, old_pid)
     metrics = worker.metrics()
     assert metrics[("trainq_vllm_restarts_total", ())] == 1.0
     assert metrics[("trainq_vllm_up", ())] == 1.0
     async with client_of(worker) as client:
-        after = await sample(client, "alpha@1")
+        after = await sample(client, "zeta@0")
     assert after.token_ids == before.token_ids  # same adapter, greedy: same answer
 
 

@@ -98,6 +98,16 @@ class InferenceWorker:
             await asyncio.sleep(0.05)
         raise TimeoutError(f"wanted {present} without {absent}, /v1/models has {ids}\n{self.log_tail()}")
 
+    async def wait_ready(self, timeout: float = 180.0) -> None:
+        """Wait until vLLM answers and is warmed up (``trainq_vllm_up`` is 1)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check_alive()
+            if self.metrics().get(("trainq_vllm_up", ()), 0.0) == 1.0:
+                return
+            await asyncio.sleep(0.1)
+        raise TimeoutError(f"vLLM not up after {timeout} s\n{self.log_tail()}")
+
     def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         """The worker's own /metrics as ``{(sample name, sorted labels): value}``."""
         text = httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text
@@ -124,7 +134,9 @@ class InferenceWorker:
             raise RuntimeError(f"inference worker exited with {self.proc.returncode}\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 40) -> str:
-        text = [line for line in self.log_path.read_text(errors="replace").splitlines() if "Route:" not in line]
+        noise = ("Route:", "GET /health", "GET /v1/models", "GET /metrics")
+        text = [line for line in self.log_path.read_text(errors="replace").splitlines()
+                if not any(n in line for n in noise)]
         return "\n".join(text[-lines:])
 
     async def aclose(self) -> None:
