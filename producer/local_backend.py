@@ -57,10 +57,9 @@ if TYPE_CHECKING:
 __all__ = ["LocalBackend", "StackInfo", "read_stack"]
 
 STACK_FILE = "stack.json"
-# Signals a child gets when its owner dies uncleanly. The trainer gets Celery's cold
-# shutdown: a warm one would wait for a job that can no longer report to the dead Redis.
-_DEATH_SIGNALS = {"trainer": signal.SIGQUIT}
-_STOP_GRACE_S = 30.0  # a trainer in warm shutdown finishes its step; vLLM needs ~10 s to exit
+_GUARD_GRACE_S = 25.0  # a trainer in warm shutdown may finish its step; vLLM needs ~10 s to exit
+_STOP_GRACE_S = _GUARD_GRACE_S + 10.0
+_GUARD_MAIN = "import sys; from producer.local_backend import guard; sys.exit(guard(sys.argv[1:]))"
 # A laptop-sized stack. vLLM's 4 GiB KV cache default and the trainer's 8192-token
 # micro-batches are sized for servers: a packed micro-batch of ~3000 tokens made the
 # training child of SmolLM2-135M peak at 10-11 GB (eager attention keeps a (heads, T, T)
@@ -355,11 +354,13 @@ class LocalBackend(QueueBackend):
     def _spawn(self, role: str, cmd: list[str], log_path: str, env: dict[str, str]) -> None:
         self._say(f"starting {role} (log: {log_path})")
         with open(log_path, "ab") as log:
-            # A session of its own: Ctrl-C in this terminal reaches us, and we stop the stack in order.
-            # The parent-death signal stops the stack if we die without cleaning up (SIGKILL, crash).
+            # Each service runs under a guard (see `guard`) that leads a session of its own:
+            # Ctrl-C in this terminal reaches only us, and we stop the stack in order. The
+            # parent-death signal stops it too if we die without cleaning up (SIGKILL, crash).
             self._owned[role] = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                start_new_session=True, preexec_fn=partial(_die_with_parent, _DEATH_SIGNALS.get(role, signal.SIGTERM)),
+                [sys.executable, "-c", _GUARD_MAIN, *cmd],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                start_new_session=True, preexec_fn=_die_with_parent,
             )
 
     async def _wait_all(self, checks: dict[str, Callable[[], bool]], timeout: float | None = None) -> None:
@@ -538,14 +539,14 @@ def _terminate(process: subprocess.Popen[bytes]) -> None:
         process.wait(5)
 
 
-def _die_with_parent(sig: int) -> None:
-    """In the child, before exec: ``sig`` when the starting thread dies, so no stack outlives its owner (Linux)."""
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the starting thread dies, so no stack outlives its owner (Linux)."""
     if sys.platform != "linux":
         return
     import ctypes
 
     pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(sig))
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM))
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -562,3 +563,28 @@ def _tail(path: Path, lines: int = 30) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
+
+
+def guard(cmd: list[str]) -> int:
+    """Run ``cmd``; on SIGTERM or SIGINT stop it, then everything in this process group.
+
+    Services leave processes behind that a signal to the service alone does not
+    reach (Celery's pool child, busy with a job whose Redis is gone, outlives a
+    cold-shutdown parent). The guard leads the group, forwards SIGTERM, and after
+    a grace period kills the whole group, itself last. It exits with ``cmd``'s code.
+    """
+    child = subprocess.Popen(cmd)
+
+    def stop(signum: int, _frame: object) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            child.send_signal(signal.SIGTERM)
+        try:
+            child.wait(_GUARD_GRACE_S)
+        except subprocess.TimeoutExpired:
+            pass
+        os.killpg(os.getpgid(0), signal.SIGKILL)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    return child.wait()
+
