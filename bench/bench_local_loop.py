@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=defaults.max_tokens)
     parser.add_argument("--temperature", type=float, default=defaults.temperature)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-tokens-per-microbatch", type=int, default=512, help="as LocalBackend uses on CPU")
     args = parser.parse_args(argv)
 
     import torch
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     path = resolve_base_model(args.base_model)
     with tempfile.TemporaryDirectory() as root:
-        trainer = Trainer(path, root, device="cpu")
+        trainer = Trainer(path, root, device="cpu", max_tokens_per_microbatch=args.max_tokens_per_microbatch)
         setup_s = time.perf_counter() - started
         ref = ModelRef(project="bench", name="yes-no-maybe", base_model=args.base_model)
         trainer.register(ref)

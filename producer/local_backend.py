@@ -570,21 +570,31 @@ def guard(cmd: list[str]) -> int:
 
     Services leave processes behind that a signal to the service alone does not
     reach (Celery's pool child, busy with a job whose Redis is gone, outlives a
-    cold-shutdown parent). The guard leads the group, forwards SIGTERM, and after
-    a grace period kills the whole group, itself last. It exits with ``cmd``'s code.
+    cold-shutdown parent). The guard leads the group, forwards SIGTERM, and once
+    the service has exited (or after a grace period) kills the whole group,
+    itself last. Left alone, it exits with ``cmd``'s code.
     """
     child = subprocess.Popen(cmd)
+    stop_requested: list[float] = []
 
-    def stop(signum: int, _frame: object) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            child.send_signal(signal.SIGTERM)
+    def request_stop(_signum: int, _frame: object) -> None:
+        # Only flag and forward here: waiting inside a handler that interrupted
+        # child.wait() would spin on Popen's internal lock until the timeout.
+        if not stop_requested:
+            stop_requested.append(time.monotonic())
+            with contextlib.suppress(ProcessLookupError):
+                child.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    while True:
         try:
-            child.wait(_GUARD_GRACE_S)
+            code = child.wait(timeout=0.5)
+            break
         except subprocess.TimeoutExpired:
-            pass
+            if stop_requested and time.monotonic() - stop_requested[0] > _GUARD_GRACE_S:
+                code = -int(signal.SIGKILL)
+                break
+    if stop_requested:
         os.killpg(os.getpgid(0), signal.SIGKILL)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    return child.wait()
-
+    return code
