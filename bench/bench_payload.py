@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
+from _common import machine_line, percentile
 
 from producer.types import Choice, ChoiceMessage, ExceptionInfo, Trajectory, TrajectoryGroup
 
@@ -81,11 +82,11 @@ def build_payload(n_groups: int, n_trajectories: int, n_tokens: int, seed: int =
     return groups
 
 
-# ------------------------------------------------- a proposed wire variant
+# ------------------------------------------- the wire format before array_like
 
 
-class PositionalTrajectory(msgspec.Struct, array_like=True):
-    """``Trajectory`` with ``array_like=True``: the same fields, sent by position, not by name."""
+class MapTrajectory(msgspec.Struct):
+    """``Trajectory`` as it was encoded before it became ``array_like``: a map, field names in every record."""
 
     messages_and_choices: list[dict[str, Any] | Choice]
     reward: float = 0.0
@@ -95,20 +96,20 @@ class PositionalTrajectory(msgspec.Struct, array_like=True):
     logs: list[str] = msgspec.field(default_factory=list)
 
 
-class PositionalGroup(msgspec.Struct, array_like=True):
-    """``TrajectoryGroup`` with ``array_like=True``."""
+class MapGroup(msgspec.Struct):
+    """``TrajectoryGroup`` as a map, as before."""
 
-    trajectories: list[PositionalTrajectory]
+    trajectories: list[MapTrajectory]
     exceptions: list[ExceptionInfo] = msgspec.field(default_factory=list)
     metadata: dict[str, Any] = msgspec.field(default_factory=dict)
     sampled_step: int | None = None
 
 
-def to_positional(groups: GroupList) -> list[PositionalGroup]:
+def to_map_records(groups: GroupList) -> list[MapGroup]:
     return [
-        PositionalGroup(
+        MapGroup(
             trajectories=[
-                PositionalTrajectory(t.messages_and_choices, t.reward, t.metrics, t.metadata, t.tools, t.logs)
+                MapTrajectory(t.messages_and_choices, t.reward, t.metrics, t.metadata, t.tools, t.logs)
                 for t in g.trajectories
             ],
             exceptions=g.exceptions,
@@ -171,12 +172,12 @@ def build_codecs() -> list[Codec]:
             pickle.loads,
             prepare=without_shared_strings,
         ),
-        # Proposal for producer/types.py: Trajectory and TrajectoryGroup by position.
+        # The same records encoded as maps, as producer/types.py had them before array_like.
         Codec(
-            "msgspec, array_like records",
+            "msgspec, map records (before)",
             encoder.encode,
-            msgspec.msgpack.Decoder(list[PositionalGroup]).decode,
-            prepare=to_positional,
+            msgspec.msgpack.Decoder(list[MapGroup]).decode,
+            prepare=to_map_records,
         ),
     ]
 
@@ -194,12 +195,6 @@ class Result:
     @property
     def roundtrip_s(self) -> list[float]:
         return [e + d for e, d in zip(self.encode_s, self.decode_s)]
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile; with fewer than 100 values p99 is the slowest."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
 
 
 def measure_all(codecs: list[Codec], groups: GroupList, repeats: int) -> list[Result]:
@@ -257,11 +252,33 @@ def print_table(results: list[Result], baseline: str) -> None:
         )
 
 
-def print_verdict(results: list[Result]) -> None:
+def repeated_string_bytes(groups: GroupList) -> int:
+    """msgpack bytes spent on message strings that are the same object as one sent earlier in the payload.
+
+    pickle sends such a string once and refers back to it; msgpack has no
+    references, so it sends each copy. This is the part of the size gap no
+    msgpack encoding of the same records can close.
+    """
+    seen: set[int] = set()
+    repeated = 0
+    for group in groups:
+        for trajectory in group.trajectories:
+            for item in trajectory.messages_and_choices:
+                if not isinstance(item, dict):
+                    continue
+                for value in item.values():
+                    if isinstance(value, str):
+                        if id(value) in seen:
+                            repeated += len(msgspec.msgpack.encode(value))
+                        seen.add(id(value))
+    return repeated
+
+
+def print_verdict(results: list[Result], groups: GroupList) -> None:
     by_name = {r.name: r for r in results}
     json_s = statistics.median(by_name["json (stdlib) on to_builtins"].roundtrip_s)
     print()
-    for name in ("msgspec msgpack, typed", "msgspec, array_like records"):
+    for name in ("msgspec msgpack, typed", "msgspec, map records (before)"):
         r = by_name[name]
         speedup = json_s / statistics.median(r.roundtrip_s)
         print(f"{name}:")
@@ -275,6 +292,14 @@ def print_verdict(results: list[Result]) -> None:
                 f"  bytes <= {pickled}: {r.n_bytes:,} vs {other:,} ({r.n_bytes / other - 1:+.2%}) "
                 f"-> {'met' if r.n_bytes <= other else 'MISSED'}"
             )
+    repeated = repeated_string_bytes(groups)
+    typed = by_name["msgspec msgpack, typed"].n_bytes
+    pickled = by_name["pickle (protocol 5)"].n_bytes
+    print(
+        f"message strings shared between trajectories, sent again by msgpack: {repeated:,} bytes; "
+        f"without them msgspec would be {typed - repeated:,} vs pickle {pickled:,} "
+        f"({(typed - repeated) / pickled - 1:+.2%})"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -293,12 +318,13 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"payload: {args.groups} groups x {args.trajectories} trajectories x {args.tokens} tokens "
         f"= {n_tokens:,} token ids + logprobs; {args.repeats} repeats; "
-        f"python {sys.version.split()[0]}, msgspec {msgspec.__version__}"
+        f"msgspec {msgspec.__version__}"
     )
+    print(machine_line())
     print()
     results = measure_all(build_codecs(), groups, args.repeats)
     print_table(results, baseline="json (stdlib) on to_builtins")
-    print_verdict(results)
+    print_verdict(results, groups)
     return 0
 
 
