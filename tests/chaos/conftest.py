@@ -63,6 +63,10 @@ class RedisServer:
             self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT)
         try:
             wait_for_port(self.port, proc=self.proc)
+            # A fixed port can be taken by another process while the server was down; then ours exits.
+            time.sleep(0.1)
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.proc.returncode}: port {self.port} taken?")
         except BaseException:
             self.stop(signal.SIGKILL)
             raise

@@ -50,7 +50,10 @@ async def test_jobs_queued_and_running_across_a_redis_restart_each_complete_once
             server.start()
             back_at = time.monotonic()
 
-            results = await asyncio.wait_for(asyncio.gather(*callers), timeout=180)
+            try:
+                results = await asyncio.wait_for(asyncio.gather(*callers), timeout=180)
+            except TimeoutError:
+                pytest.fail(f"callers still waiting 180 s after Redis came back; worker log:\n{worker.log_tail(80)}")
             all_done_at = time.monotonic()
             assert sorted(r.step for r in results) == [1, 2, 3], "every job made exactly one step"
             for result in results:
