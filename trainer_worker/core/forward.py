@@ -9,45 +9,49 @@ from torch import Tensor
 
 from trainer_worker.core.packing import MicroBatch
 
-__all__ = ["per_token_logps", "token_logps_from_logits"]
+__all__ = ["per_token_logps", "token_logps_at"]
 
 _CHUNK_TOKENS = 2048
 
 
 def per_token_logps(model: Any, batch: MicroBatch, device: torch.device | str) -> Tensor:
-    """``(B, T)`` log-probability of each token given the tokens before it.
+    """``(B, T)`` log-probability of each trained token given the tokens before it; 0 elsewhere.
 
-    A sequence's first token (position id 0) gets 0: in a packed row the logit
-    before it belongs to the previous sequence.
+    Only the positions that predict a trained token (``loss_mask``) go through
+    the LM head: prompts are most of a sequence, and a full-vocabulary logit
+    row per prompt token (49k floats on SmolLM2) would dominate memory and the
+    head's FLOPs for values nobody reads.
 
     Packed rows pass ``attention_mask=None`` with restarting ``position_ids``, which
     transformers turns into a block-diagonal causal mask (see ``packing``).
     """
     input_ids = batch.input_ids.to(device)
+    position_ids = batch.position_ids.to(device)
     attention_mask = None if batch.attention_mask is None else batch.attention_mask.to(device)
+    # Position t-1 predicts token t; a sequence's first token (position id 0) is never trained.
+    wanted = batch.loss_mask.to(device) & (position_ids > 0)  # (B, T)
+    predictors = wanted[:, 1:].any(dim=0).nonzero().squeeze(-1)  # (K,) positions whose logits are needed
     logits = model(
         input_ids=input_ids,
-        position_ids=batch.position_ids.to(device),
+        position_ids=position_ids,
         attention_mask=attention_mask,
         use_cache=False,
-    ).logits  # (B, T, V)
-    position_ids = batch.position_ids.to(device)
-    return torch.where(position_ids == 0, 0.0, token_logps_from_logits(logits, input_ids))  # (B, T)
+        logits_to_keep=predictors,
+    ).logits  # (B, K, V)
+    targets = input_ids[:, predictors + 1]  # (B, K)
+    logps = torch.zeros(input_ids.shape, dtype=torch.float32, device=logits.device)  # (B, T)
+    logps[:, predictors + 1] = token_logps_at(logits, targets)
+    return torch.where(wanted, logps, 0.0)
 
 
-def token_logps_from_logits(logits: Tensor, input_ids: Tensor) -> Tensor:
-    """Shifted gather of ``log_softmax(logits)`` at the next token, in float32.
+def token_logps_at(logits: Tensor, targets: Tensor) -> Tensor:
+    """``(B, K)`` ``log_softmax(logits)[..., target]`` in float32, for logits ``(B, K, V)``.
 
-    Computed in token chunks so the float32 copy of a ``(T, V)`` vocabulary slab
-    stays small on large vocabularies.
+    Computed in chunks so the float32 copy of a ``(K, V)`` vocabulary slab stays small.
     """
-    batch_size, length, _ = logits.shape
-    targets = input_ids[:, 1:]  # (B, T-1)
     pieces = []
-    for start in range(0, length - 1, _CHUNK_TOKENS):
-        stop = min(start + _CHUNK_TOKENS, length - 1)
-        chunk = logits[:, start:stop].float()  # (B, c, V)
-        picked = chunk.gather(-1, targets[:, start:stop].unsqueeze(-1)).squeeze(-1)  # (B, c)
+    for start in range(0, logits.shape[1], _CHUNK_TOKENS):
+        chunk = logits[:, start : start + _CHUNK_TOKENS].float()  # (B, c, V)
+        picked = chunk.gather(-1, targets[:, start : start + _CHUNK_TOKENS].unsqueeze(-1)).squeeze(-1)  # (B, c)
         pieces.append(picked - torch.logsumexp(chunk, dim=-1))
-    first = torch.zeros(batch_size, 1, dtype=torch.float32, device=logits.device)  # nothing predicts t = 0
-    return torch.cat([first, *pieces], dim=1)  # (B, T)
+    return torch.cat(pieces, dim=1) if pieces else logits.new_zeros(targets.shape, dtype=torch.float32)
