@@ -1,62 +1,100 @@
-"""Trainer throughput on the tiny model: packed rows against length-sorted padding.
+"""Trainer throughput: tokens/s and MFU of ``Trainer.train``, packed rows against length-sorted padding.
 
-Prints one table and exits 0. Numbers, per packing mode, over measured steps
+Prints tables and exits 0. Per model and packing mode, over measured steps
 after one warm-up step:
 
-    step_s         wall time of ``Trainer.train`` (tokenize, forward/backward, AdamW, save)
+    step_s         wall time of ``Trainer.train`` (tokenize, forward/backward, AdamW, save): median, p99
     trained_tok/s  sampled assistant tokens per second (the tokens that carry loss)
     seq_tok/s      real (non-padding) tokens forwarded per second
     pad_frac       share of forwarded positions that are padding
-    MFU            achieved FLOP/s / a matmul peak measured in this run
+    MFU            achieved FLOP/s / the matmul peak measured in this run, same device and dtype
 
 FLOP model, fixed: ``6 * N * T`` per step, ``N`` = base-model parameter count
 (embeddings included, LoRA excluded), ``T`` = real tokens forwarded. It counts
 a full backward although only LoRA weights train (the activation gradients
-still flow through every layer), and ignores attention's ``T^2`` term, which is
-small at these lengths. The peak is the best of a few square float32 (CPU) or
-bfloat16 (CUDA) matmuls, ``2 n^3`` FLOP each.
+still flow through every layer), and ignores attention's ``T^2`` term. The
+peak is the best of several large square matmuls in the training dtype
+(float32 on CPU, bfloat16 on CUDA), ``2 n^3`` FLOP each.
 
-    python bench/bench_trainer.py [--device cpu|cuda] [--steps 3] [--groups 8]
+Models: ``tiny`` (the test model), ``smollm2`` (SmolLM2-135M-Instruct, the
+embedded default, via ``resolve_base_model``) on CPU; on CUDA a 0.5B-class
+Llama built from Qwen2.5-0.5B's shapes with random weights, trained at 16k
+tokens per micro-batch, next to prime-rl's published 13,342 tokens/s (10.9%
+MFU) for Qwen3-0.6B LoRA at 16k on one H100.
+
+The OpenMP wait policy is set before torch loads, as ``python -m
+trainer_worker`` sets it (PASSIVE unless the environment says otherwise);
+``--compare-wait-policy`` also times one tiny-model step under each policy
+in fresh processes, interleaved.
+
+    python bench/bench_trainer.py --quick                 # tiny + a short SmolLM2 step (< 1 min)
+    python bench/bench_trainer.py                         # tiny + SmolLM2, packed vs padded, wait policies
+    python bench/bench_trainer.py --device cuda           # 0.5B-class model at 16k tokens (GPU)
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
+import subprocess
+import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads; see trainer_worker/__main__.py
 
-def matmul_peak(device: str) -> float:
+from _common import machine_line, median, percentile, print_table  # noqa: E402
+
+PRIME_RL_H100 = {"tokens/s": 13_342, "mfu": 0.109, "what": "prime-rl, Qwen3-0.6B LoRA, 16k seq, 1x H100"}
+H100_BF16_DENSE_PEAK = 989e12
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One model and the groups it trains on."""
+
+    model: str
+    groups: int
+    group_size: int
+    min_len: int
+    max_len: int
+    budget: int
+    steps: int
+
+
+def matmul_peak(device: str, n: int) -> float:
+    """Best FLOP/s of ``n x n`` matmuls in the training dtype."""
     import torch
 
-    n = 2048 if device == "cuda" else 1024
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
+    reps = 20 if device == "cuda" else 3
     best = 0.0
     for _ in range(5):
         if device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        for _ in range(10):
+        for _ in range(reps):
             a @ b
         if device == "cuda":
             torch.cuda.synchronize()
-        best = max(best, 10 * 2 * n**3 / (time.perf_counter() - start))
+        best = max(best, reps * 2 * n**3 / (time.perf_counter() - start))
     return best
 
 
-def make_groups(num_groups: int, group_size: int, vocab: int, seed: int):
+def make_groups(w: Workload, vocab: int, seed: int = 0):
     from producer.types import Choice, Trajectory, TrajectoryGroup
 
     rng = random.Random(seed)
     groups = []
-    for _ in range(num_groups):
+    for _ in range(w.groups):
         trajectories = []
-        for _ in range(group_size):
-            length = rng.randint(16, 480)  # uneven lengths: where padding hurts
+        for _ in range(w.group_size):
+            length = rng.randint(w.min_len, w.max_len)  # uneven lengths: where padding hurts
             ids = [rng.randrange(3, vocab) for _ in range(length)]
             choice = Choice(token_ids=ids, logprobs=[-3.0] * length)
             messages = [{"role": "user", "content": "Guess the number between 1 and 100."}]
@@ -65,29 +103,31 @@ def make_groups(num_groups: int, group_size: int, vocab: int, seed: int):
     return groups
 
 
-def run_mode(model_path: Path, mode: str, args: argparse.Namespace) -> dict[str, float]:
+def run_mode(model_path: Path, mode: str, w: Workload, device: str) -> dict[str, float]:
     from producer.types import ModelRef, TrainConfig
     from trainer_worker.core.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as root:
-        trainer = Trainer(str(model_path), root, device=args.device, max_tokens_per_microbatch=args.budget, packing=mode)
-        model = ModelRef(project="bench", name=mode, base_model="tiny")
+        trainer = Trainer(str(model_path), root, device=device, max_tokens_per_microbatch=w.budget, packing=mode)
+        model = ModelRef(project="bench", name=mode, base_model=w.model)
         trainer.register(model)
         params = trainer.num_base_parameters
-        groups = make_groups(args.groups, args.group_size, len(trainer.tokenizer), seed=0)
+        vocab = min(len(trainer.tokenizer), trainer._loaded.vocab_size)
+        groups = make_groups(w, vocab)
         config = TrainConfig(learning_rate=1e-4)
         trainer.train("warmup", model, config, groups)
         times, outcomes = [], []
-        for step in range(args.steps):
+        for step in range(w.steps):
             start = time.perf_counter()
             outcomes.append(trainer.train(f"job-{step}", model, config, groups))
             times.append(time.perf_counter() - start)
+        positions = _forwarded_positions(trainer, groups)
     metrics = outcomes[-1].metrics
-    step_s = sum(times) / len(times)
+    step_s = median(times)
     seq_tokens = metrics["num_sequence_tokens"]
-    positions = _forwarded_positions(trainer, groups)
     return {
         "step_s": step_s,
+        "step_p99": percentile(times, 99),
         "trained_tok/s": metrics["num_tokens"] / step_s,
         "seq_tok/s": seq_tokens / step_s,
         "pad_frac": 1.0 - seq_tokens / positions,
@@ -98,41 +138,153 @@ def run_mode(model_path: Path, mode: str, args: argparse.Namespace) -> dict[str,
 
 
 def _forwarded_positions(trainer, groups) -> int:
+    from producer.types import TrainConfig
     from trainer_worker.core.batch import prepare_batch
     from trainer_worker.core.packing import build_microbatches
     from trainer_worker.core.tokenize import tokenize_trajectory
-    from producer.types import TrainConfig
 
     batch = prepare_batch(groups, 0, TrainConfig(), lambda t: tokenize_trajectory(t, trainer.tokenizer))
     return sum(b.num_tokens for b in build_microbatches(batch.sequences, trainer.max_tokens_per_microbatch, mode=trainer.packing))
 
 
+def model_path(name: str, tmp: Path) -> Path:
+    from trainer_worker.tiny_model import build_tiny_model
+
+    if name == "tiny":
+        return build_tiny_model(tmp / "tiny-llama")
+    if name == "smollm2":
+        from producer.base_models import resolve_base_model
+
+        return Path(resolve_base_model("trainq/smollm2-135m-instruct"))
+    if name == "qwen-0.5b-shape":
+        return build_half_billion(tmp / "qwen-0.5b-shape")
+    raise ValueError(name)
+
+
+def build_half_billion(path: Path) -> Path:
+    """A Llama with Qwen2.5-0.5B's shapes (494M parameters), random weights, the tiny model's tokenizer.
+
+    Llama, not Qwen2, so the tokenizer reloads as saved (see DESIGN, environment
+    facts); the only difference is Qwen2's q/k/v bias, a rounding error in FLOPs.
+    """
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from trainer_worker.tiny_model import build_tiny_model
+
+    tokenizer = AutoTokenizer.from_pretrained(build_tiny_model(path.parent / "tiny-tokenizer"))
+    config = LlamaConfig(
+        vocab_size=151_936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+        num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32_768,
+        rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def workloads(args: argparse.Namespace) -> list[Workload]:
+    if args.device == "cuda":
+        # 16k-token micro-batches of long rollouts, as prime-rl's figure.
+        return [Workload("qwen-0.5b-shape", 4, 8, 1024, 7168, 16_384, 3 if not args.quick else 1)]
+    if args.quick:
+        return [Workload("tiny", 4, 4, 16, 480, 2048, 2), Workload("smollm2", 1, 2, 16, 100, 2048, 1)]
+    return [Workload("tiny", 8, 4, 16, 480, 2048, 3), Workload("smollm2", 2, 4, 16, 480, 2048, 2)]
+
+
+def budget_sweep(budgets: tuple[int, ...]) -> list[list[str]]:
+    """Packed rows of several sequences pay attention over the whole row (sdpa with a
+    block-diagonal mask computes every block on CPU): time the same step per budget."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = model_path("tiny", Path(tmp))
+        for budget in budgets:
+            r = run_mode(path, "packed", Workload("tiny", 2, 4, 900, 1000, budget, 2), "cpu")
+            rows.append([str(budget), f"{r['step_s']:.3f}", f"{r['step_p99']:.3f}", f"{r['seq_tok/s']:,.0f}",
+                         f"{r['microbatches']:.0f}"])
+    return rows
+
+
+def compare_wait_policy(rounds: int) -> list[list[str]]:
+    """One tiny-model train step per fresh process, under each OpenMP wait policy, interleaved."""
+    code = (
+        "import sys, time; sys.argv=['x']; import bench_trainer as b; from pathlib import Path; import tempfile; "
+        "w=b.Workload('tiny',4,4,16,480,2048,2); "
+        "d=tempfile.mkdtemp(); r=b.run_mode(b.model_path('tiny', Path(d)), 'packed', w, 'cpu'); print(r['step_s'])"
+    )
+    times: dict[str, list[float]] = {"unset (default)": [], "ACTIVE": [], "PASSIVE": []}
+    for _ in range(rounds):
+        for policy in times:
+            env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+            if not policy.startswith("unset"):
+                env["OMP_WAIT_POLICY"] = policy
+            done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=env,
+                                  capture_output=True, text=True, check=False)
+            lines = done.stdout.strip().splitlines()
+            if done.returncode == 0 and lines:
+                times[policy].append(float(lines[-1]))
+    return [[p, str(len(t)), f"{median(t):.3f}" if t else "-", f"{percentile(t, 99):.3f}" if t else "-"]
+            for p, t in times.items()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--groups", type=int, default=8)
-    parser.add_argument("--group-size", type=int, default=4)
-    parser.add_argument("--budget", type=int, default=2048, help="max_tokens_per_microbatch")
+    parser.add_argument("--quick", action="store_true", help="short workloads, no wait-policy comparison (< 1 min)")
+    parser.add_argument("--models", default="", help="comma-separated subset of the device's models")
+    parser.add_argument("--compare-wait-policy", type=int, default=None, metavar="ROUNDS",
+                        help="rounds of the OpenMP wait-policy comparison (default: 2 in full mode on CPU, 0 in quick)")
     args = parser.parse_args()
 
     import torch
 
-    from trainer_worker.tiny_model import build_tiny_model
-
+    loads = [w for w in workloads(args) if not args.models or w.model in args.models.split(",")]
+    peak = matmul_peak(args.device, 8192 if args.device == "cuda" else 2048)
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        model_path = build_tiny_model(Path(tmp) / "tiny-llama")
-        peak = matmul_peak(args.device)
-        rows = {mode: run_mode(model_path, mode, args) for mode in ("packed", "padded")}
+        for w in loads:
+            path = model_path(w.model, Path(tmp))
+            for mode in ("packed", "padded"):
+                r = run_mode(path, mode, w, args.device)
+                rows.append([
+                    w.model, mode, f"{r['params'] / 1e6:.1f}M", f"{r['step_s']:.3f}", f"{r['step_p99']:.3f}",
+                    f"{r['trained_tok/s']:,.0f}", f"{r['seq_tok/s']:,.0f}", f"{r['pad_frac']:.2f}",
+                    f"{r['microbatches']:.0f}", f"{r['flop/s'] / 1e9:,.1f}", f"{r['flop/s'] / peak:.1%}",
+                ])
+                if args.device == "cuda":
+                    rows[-1].append(f"{r['flop/s'] / H100_BF16_DENSE_PEAK:.1%}")
 
-    print(f"device={args.device} torch_threads={torch.get_num_threads()} base_params={rows['packed']['params']:.0f} "
-          f"groups={args.groups}x{args.group_size} budget={args.budget} matmul_peak={peak / 1e9:.1f} GFLOP/s")
-    header = f"{'mode':<8}{'step_s':>9}{'trained_tok/s':>15}{'seq_tok/s':>11}{'pad_frac':>10}{'mbs':>5}{'GFLOP/s':>9}{'MFU':>8}"
-    print(header)
-    print("-" * len(header))
-    for mode, r in rows.items():
-        print(f"{mode:<8}{r['step_s']:>9.3f}{r['trained_tok/s']:>15.0f}{r['seq_tok/s']:>11.0f}{r['pad_frac']:>10.2f}"
-              f"{r['microbatches']:>5.0f}{r['flop/s'] / 1e9:>9.2f}{r['flop/s'] / peak:>8.1%}")
+    print(machine_line())
+    print(f"device={args.device} torch {torch.__version__} threads={torch.get_num_threads()} "
+          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']} matmul_peak={peak / 1e9:,.1f} GFLOP/s "
+          f"({'bf16 8192^2' if args.device == 'cuda' else 'fp32 2048^2'})")
+    for w in loads:
+        print(f"  {w.model}: {w.groups} groups x {w.group_size}, lengths {w.min_len}-{w.max_len}, "
+              f"budget {w.budget} tokens/micro-batch, {w.steps} measured steps after 1 warm-up")
+    headers = ["model", "mode", "params", "step_s", "p99_s", "trained_tok/s", "seq_tok/s", "pad_frac",
+               "mbs", "GFLOP/s", "MFU(meas)"]
+    if args.device == "cuda":
+        headers.append("MFU(989T)")
+    print_table(headers, rows)
+    if args.device == "cuda":
+        ref = PRIME_RL_H100
+        print(f"reference: {ref['what']}: {ref['tokens/s']:,} tokens/s, {ref['mfu']:.1%} MFU")
+
+    if args.device == "cpu" and not args.quick and not args.models:
+        print()
+        print("packed row length on CPU: tiny model, 2 groups x 4 trajectories of 900-1,000 tokens, packed, "
+              "by micro-batch budget (one packed row per micro-batch):")
+        print_table(["budget", "step_s", "p99_s", "seq_tok/s", "mbs"], budget_sweep((1024, 2048, 4096, 8192)))
+
+    rounds = args.compare_wait_policy
+    if rounds is None:
+        rounds = 0 if (args.quick or args.device == "cuda") else 2
+    if rounds:
+        print()
+        print("OpenMP wait policy, one tiny-model step (4x4 groups) per fresh process, interleaved:")
+        print_table(["OMP_WAIT_POLICY", "n", "step_s median", "p99"], compare_wait_policy(rounds))
 
 
 if __name__ == "__main__":
