@@ -24,7 +24,6 @@ import asyncio
 import atexit
 import contextlib
 import fcntl
-import json
 import os
 import secrets
 import shutil
@@ -188,7 +187,6 @@ class LocalBackend(QueueBackend):
     async def register(self, model: TrainableModel) -> None:
         await self.start(model.base_model)
         await super().register(model)
-        await self._wait_servable(model, model.get_inference_name())
 
     async def submit_train(
         self, model: TrainableModel, groups: list[TrajectoryGroup], **options: Unpack[TrainOptions]
@@ -205,11 +203,7 @@ class LocalBackend(QueueBackend):
         **options: Unpack[TrainOptions],
     ) -> QueueTrainResult:
         await self.start(model.base_model)
-        result = await super().train(model, groups, timeout=timeout, **options)
-        # The inference worker loads the new step from the checkpoint stream; the
-        # next rollouts ask for it by name at once, so wait until it is served.
-        await self._wait_servable(model, f"{model.name}@{result.step}")
-        return result
+        return await super().train(model, groups, timeout=timeout, **options)
 
     async def get_step(self, model: TrainableModel) -> int:
         await self.start(model.base_model)
@@ -390,14 +384,6 @@ class LocalBackend(QueueBackend):
                 tail = _tail(Path(self.path, "logs", f"{role}.log"))
                 raise RuntimeError(f"{role} exited with {process.returncode} while starting; its log ends:\n{tail}")
 
-    async def _wait_servable(self, model: TrainableModel, inference_name: str, timeout: float = 120.0) -> None:
-        assert self.stack is not None
-        deadline = time.monotonic() + timeout
-        while not await asyncio.to_thread(_served, self.stack.inference_base_url, self.stack.api_key, inference_name):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{inference_name} was not served within {timeout:g} s; see {self.path}/logs/")
-            await asyncio.sleep(0.05)
-
     def _say(self, message: str) -> None:
         if self.progress:
             print(f"trainq: {message}", file=sys.stderr, flush=True)
@@ -493,13 +479,6 @@ def _inference_ready(base_url: str, api_key: str) -> bool:
         return False
     status, _ = _http_get(base_url + "/models", api_key)
     return status == 200
-
-
-def _served(base_url: str, api_key: str, inference_name: str) -> bool:
-    status, body = _http_get(base_url + "/models", api_key)
-    if status != 200:
-        return False
-    return any(entry.get("id") == inference_name for entry in json.loads(body).get("data", []))
 
 
 def _pid_alive(pid: int) -> bool:

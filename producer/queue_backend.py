@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from typing import TYPE_CHECKING
 
+import httpx
 import msgspec
 
 from producer import keys
@@ -34,6 +36,8 @@ if TYPE_CHECKING:
 
 __all__ = ["QueueBackend"]
 
+log = logging.getLogger(__name__)
+
 DEFAULT_MAX_PAYLOAD_BYTES = 256 * 1024 * 1024
 _groups_encoder = msgspec.msgpack.Encoder()
 
@@ -49,6 +53,10 @@ class QueueBackend(Backend):
         path: where ``model.log`` writes trajectories and ``history.jsonl``.
         max_payload_bytes: encoded groups larger than this are refused before anything is queued.
         payload_ttl_s: how long a queued job's groups wait in Redis for a worker.
+        serve_timeout_s: ``register`` and ``train`` return once the inference worker lists
+            the new ``name@step`` (about 50 ms after the checkpoint), so the next rollouts can
+            ask for it at once; after this many seconds they return anyway and log a warning.
+            0 (or no ``inference_base_url``) returns as soon as the step is made.
     """
 
     def __init__(
@@ -60,6 +68,7 @@ class QueueBackend(Backend):
         path: str = ".trainq",
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         payload_ttl_s: int = keys.JOB_TTL_S,
+        serve_timeout_s: float = 60.0,
     ) -> None:
         self.redis_url = redis_url
         self.inference_base_url = inference_base_url
@@ -67,6 +76,7 @@ class QueueBackend(Backend):
         self.path = path
         self.max_payload_bytes = max_payload_bytes
         self.payload_ttl_s = payload_ttl_s
+        self.serve_timeout_s = serve_timeout_s
         self._redis = connect(redis_url)
         self._celery: Celery | None = None
 
@@ -77,6 +87,7 @@ class QueueBackend(Backend):
         job = await self._submit(model, "register")
         outcome = await job.result()
         model._set_step(outcome.step)
+        await self.wait_served(model, outcome.step)
 
     async def submit_train(
         self, model: TrainableModel, groups: list[TrajectoryGroup], **options: Unpack[TrainOptions]
@@ -102,6 +113,7 @@ class QueueBackend(Backend):
         job = await self.submit_train(model, groups, **options)
         result = await job.result(timeout=timeout)
         model._set_step(result.step)
+        await self.wait_served(model, result.step)
         return result
 
     def job(self, job_id: str) -> TrainJob:
@@ -121,6 +133,21 @@ class QueueBackend(Backend):
         await job.result()
         outcome = (await job.record()).outcome
         return outcome.deleted_steps if outcome else []
+
+    async def wait_served(self, model: TrainableModel, step: int) -> bool:
+        """Wait until the inference worker lists ``name@step``; ``False`` if it did not within ``serve_timeout_s``."""
+        if self.inference_base_url is None or self.serve_timeout_s <= 0:
+            return False
+        name = model.get_inference_name(step)
+        headers = {"Authorization": f"Bearer {self.inference_api_key}"} if self.inference_api_key else {}
+        deadline = time.monotonic() + self.serve_timeout_s
+        async with httpx.AsyncClient(base_url=self.inference_base_url, headers=headers, timeout=5.0) as client:
+            while time.monotonic() < deadline:
+                if name in await _served_models(client):
+                    return True
+                await asyncio.sleep(0.05)
+        log.warning("%s is not served by %s after %.0f s", name, self.inference_base_url, self.serve_timeout_s)
+        return False
 
     async def close(self) -> None:
         await self._redis.aclose()
@@ -200,3 +227,13 @@ class QueueBackend(Backend):
             )
         except Exception:  # noqa: BLE001 - Redis itself may be what failed; the raise below says so
             pass
+
+
+async def _served_models(client: httpx.AsyncClient) -> set[str]:
+    """The model ids the inference server lists; empty while it cannot answer."""
+    try:
+        response = await client.get("/models")
+        response.raise_for_status()
+        return {entry["id"] for entry in response.json().get("data", [])}
+    except (httpx.HTTPError, ValueError, KeyError):
+        return set()
