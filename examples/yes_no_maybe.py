@@ -90,7 +90,8 @@ class Config:
     steps: int = 15
     groups_per_step: int = 4
     group_size: int = 8
-    learning_rate: float = 2e-4
+    # LoRA r=8 on a 135M model: 1e-3 reaches reward 1.0 in 2-3 steps here; 2e-4 gains ~0.015 a step.
+    learning_rate: float = 1e-3
     max_tokens: int = 3
     temperature: float = 1.0
     project: str = "yes-no-maybe"

@@ -32,7 +32,9 @@ DEFAULT_PATH = ".trainq"
 
 def cmd_demo(args: argparse.Namespace) -> int:
     example = _load_example("yes_no_maybe")
-    config = example.Config(steps=args.steps, learning_rate=args.learning_rate)
+    config = example.Config(steps=args.steps)
+    if args.learning_rate is not None:
+        config.learning_rate = args.learning_rate
     if args.base_model:
         config.base_model = args.base_model
 
@@ -327,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = add("demo", "train the yes/no/maybe example on the embedded default with a local stack", cmd_demo)
     path_arg(demo)
     demo.add_argument("--steps", type=int, default=15, help="train steps (default 15)")
-    demo.add_argument("--learning-rate", type=float, default=2e-4, help="LoRA learning rate (default 2e-4)")
+    demo.add_argument("--learning-rate", type=float, default=None, help="LoRA learning rate (default: the example's, 1e-3)")
     demo.add_argument("--base-model", default=None, help="another base model (default: the embedded SmolLM2-135M)")
     demo.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="trainer device (default cpu)")
 
