@@ -59,14 +59,9 @@ STACK_FILE = "stack.json"
 _GUARD_GRACE_S = 25.0  # a trainer in warm shutdown may finish its step; vLLM needs ~10 s to exit
 _STOP_GRACE_S = _GUARD_GRACE_S + 10.0
 _GUARD_MAIN = "import sys; from producer.local_backend import guard; sys.exit(guard(sys.argv[1:]))"
-# A laptop-sized stack. vLLM's 4 GiB KV cache default and the trainer's 8192-token
-# micro-batches are sized for servers: a packed micro-batch of ~3000 tokens made the
-# training child of SmolLM2-135M peak at 10-11 GB (eager attention keeps a (heads, T, T)
-# matrix per layer for backward, and full-vocabulary logits) and the OOM killer took it.
-# 512 tokens keeps it near 1-2 GB and wastes less attention on masked cross-sequence
-# blocks. Flags given win.
+# A laptop-sized vLLM: its 4 GiB KV cache default is sized for servers. Flags given win.
+# (The trainer picks its CPU micro-batch size itself: trainer_worker/settings.py.)
 _CPU_INFERENCE_DEFAULTS = {"--kv-cache-gib": "1", "--max-model-len": "4096"}
-_CPU_TRAINER_DEFAULTS = {"--max-tokens-per-microbatch": "512"}
 
 
 class StackInfo(msgspec.Struct, kw_only=True):
@@ -151,7 +146,7 @@ class LocalBackend(QueueBackend):
             device=device,
             cache_dir=cache_dir,
             inference_args=_with_defaults(inference_args, _CPU_INFERENCE_DEFAULTS if device == "cpu" else {}),
-            trainer_args=_with_defaults(trainer_args, _CPU_TRAINER_DEFAULTS if device == "cpu" else {}),
+            trainer_args=list(trainer_args or []),
         )
         self.startup_timeout = startup_timeout
         self.progress = progress

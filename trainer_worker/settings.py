@@ -4,10 +4,18 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from producer.queue import DEFAULT_VISIBILITY_TIMEOUT_S
 from producer.settings import ServiceSettings
+
+
+# A packed row is one attention block-diagonal mask. Without flash-attention's varlen
+# kernels (always on CPU) every masked block is still computed, so cost grows with the
+# row's square: 8 sequences took 0.88 s in 1,024-token rows and 2.31 s in one 8,192-token
+# row (bench/bench_trainer.py). The local demo measured 512 fastest on SmolLM2.
+CPU_MICROBATCH_TOKENS = 512
+CUDA_MICROBATCH_TOKENS = 8192
 
 
 class TrainerSettings(ServiceSettings):
@@ -15,7 +23,10 @@ class TrainerSettings(ServiceSettings):
 
     device: Literal["cpu", "cuda"] = Field("cpu", description="Torch device of the training child process.")
     max_tokens_per_microbatch: int = Field(
-        8192, ge=64, description="Token budget of one packed micro-batch (gradient accumulation covers the rest)."
+        0,
+        ge=0,
+        description="Token budget of one packed micro-batch (gradient accumulation covers the rest); "
+        f"0 picks {CPU_MICROBATCH_TOKENS} on cpu and {CUDA_MICROBATCH_TOKENS} on cuda.",
     )
     visibility_timeout_s: float = Field(
         DEFAULT_VISIBILITY_TIMEOUT_S,
@@ -29,3 +40,10 @@ class TrainerSettings(ServiceSettings):
     )
     seed: int = Field(0, description="Seed of the LoRA initialisation.")
     hostname: str = Field("", description="Celery worker name (default: trainer@<host>).")
+
+    @model_validator(mode="after")
+    def _default_microbatch_for_device(self) -> TrainerSettings:
+        if self.max_tokens_per_microbatch == 0:
+            per_device = CPU_MICROBATCH_TOKENS if self.device == "cpu" else CUDA_MICROBATCH_TOKENS
+            self.max_tokens_per_microbatch = per_device
+        return self

@@ -73,11 +73,12 @@ async def test_bad_messages_on_the_queue_fail_alone(backend: QueueBackend, model
 
     client = redis.Redis.from_url(backend.redis_url)
     client.hset(keys.job_key(job_id), mapping={"status": "queued", "submitted_at": "0"})
-    client.set(keys.payload_key(job_id), msgspec.msgpack.encode([{"trajectories": "nope"}]))
+    client.set(keys.payload_key(job_id), msgspec.msgpack.encode([["not a list of trajectories"]]))
     request = TrainRequest(job_id=job_id, kind="train", model=ref, payload_key=keys.payload_key(job_id))
     _send_raw(backend.redis_url, queue, msgspec.msgpack.encode(request))
 
-    with pytest.raises(JobFailedError, match=r"invalid groups payload: .*\$\[0\]\.trajectories"):
+    # Groups travel as arrays (array_like): the path says where, $[group][field].
+    with pytest.raises(JobFailedError, match=r"invalid groups payload: Expected `array`, got `str` - at `\$\[0\]\[0\]`"):
         await backend.job(job_id).result(timeout=60)
     await _next_good_job_succeeds(backend, model, worker)
 
