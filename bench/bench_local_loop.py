@@ -6,8 +6,12 @@ called directly: no Redis, no Celery, no vLLM, no checkpoint reload by a second
 process. The demo's step should stay within 1.5x of this.
 
     python bench/bench_local_loop.py [--steps 5] [--base-model trainq/smollm2-135m-instruct]
+    python bench/bench_local_loop.py --with-stack   # then the demo's path, and the ratio of the two
 
 Prints a table of seconds per step (sample, train, total) and the reward, then exits 0.
+With ``--with-stack`` the same loop then runs through ``LocalBackend`` (Redis,
+the Celery trainer worker and vLLM, as ``trainq demo`` does) in the same run,
+and the ratio of steady-state seconds per step is printed.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+
+from trainer_worker.settings import CPU_MICROBATCH_TOKENS
 
 
 def load_example() -> object:
@@ -92,8 +98,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=defaults.max_tokens)
     parser.add_argument("--temperature", type=float, default=defaults.temperature)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-tokens-per-microbatch", type=int, default=512, help="as LocalBackend uses on CPU")
+    parser.add_argument("--max-tokens-per-microbatch", type=int, default=CPU_MICROBATCH_TOKENS,
+                        help="as the trainer worker uses on CPU")
+    parser.add_argument("--with-stack", action="store_true",
+                        help="then run the same loop through LocalBackend, as trainq demo does, and print the ratio")
     args = parser.parse_args(argv)
+    in_process = run_in_process(example, args)
+    if args.with_stack:
+        through_stack = run_through_stack(example, args)
+        print(f"\nseconds per step after the first: in process {in_process:.1f}, through the stack "
+              f"{through_stack:.1f}; ratio {through_stack / in_process:.2f}x (target <= 1.5x)")
+    return 0
+
+
+def run_in_process(example, args: argparse.Namespace) -> float:  # noqa: ANN001
+    """The loop with ``generate`` and the training core in this process; mean seconds per step after the first."""
 
     import torch
 
@@ -132,8 +151,37 @@ def main(argv: list[str] | None = None) -> int:
     for step, reward, loss, sample_s, train_s, total_s in rows:
         print(f"{step:>4}  {reward:>6.3f}  {loss:>+8.4f}  {sample_s:>8.1f}  {train_s:>7.1f}  {total_s:>7.1f}")
     steady = rows[1:] or rows
-    print(f"mean seconds per step (after the first): {sum(r[5] for r in steady) / len(steady):.1f}")
-    return 0
+    mean = sum(r[5] for r in steady) / len(steady)
+    print(f"mean seconds per step (after the first): {mean:.1f}")
+    return mean
+
+
+def run_through_stack(example, args: argparse.Namespace) -> float:  # noqa: ANN001
+    """The demo's loop through a fresh LocalBackend; mean seconds per step after the first."""
+    import asyncio
+
+    from producer.local_backend import LocalBackend
+
+    config = example.Config(
+        steps=args.steps, groups_per_step=args.groups_per_step, group_size=args.group_size,
+        learning_rate=args.learning_rate, max_tokens=args.max_tokens, temperature=args.temperature,
+        base_model=args.base_model, seed=args.seed,
+    )
+
+    async def run() -> list:
+        backend = LocalBackend(tempfile.mkdtemp(prefix="trainq-bench-"))
+        try:
+            return await example.main(backend, config)
+        finally:
+            await backend.close()
+
+    records = asyncio.run(run())
+    print("\nthrough LocalBackend (Redis, Celery trainer worker, vLLM)")
+    print(f"{'step':>4}  {'reward':>6}  {'total s':>7}")
+    for record in records:
+        print(f"{record.step:>4}  {record.reward:>6.3f}  {record.seconds:>7.1f}")
+    steady = records[1:] or records
+    return sum(r.seconds for r in steady) / len(steady)
 
 
 if __name__ == "__main__":
