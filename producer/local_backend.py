@@ -46,12 +46,8 @@ from producer import keys
 from producer.queue_backend import QueueBackend
 
 if TYPE_CHECKING:
-    from typing import Unpack
-
-    from producer.backend import TrainOptions
     from producer.jobs import TrainJob
     from producer.model import TrainableModel
-    from producer.types import QueueTrainResult, TrajectoryGroup
 
 __all__ = ["LocalBackend", "StackInfo", "read_stack"]
 
@@ -179,34 +175,8 @@ class LocalBackend(QueueBackend):
                 )
             return self.stack
 
-    async def register(self, model: TrainableModel) -> None:
+    async def _prepare(self, model: TrainableModel) -> None:
         await self.start(model.base_model)
-        await super().register(model)
-
-    async def submit_train(
-        self, model: TrainableModel, groups: list[TrajectoryGroup], **options: Unpack[TrainOptions]
-    ) -> TrainJob:
-        await self.start(model.base_model)
-        return await super().submit_train(model, groups, **options)
-
-    async def train(
-        self,
-        model: TrainableModel,
-        groups: list[TrajectoryGroup],
-        *,
-        timeout: float | None = None,
-        **options: Unpack[TrainOptions],
-    ) -> QueueTrainResult:
-        await self.start(model.base_model)
-        return await super().train(model, groups, timeout=timeout, **options)
-
-    async def get_step(self, model: TrainableModel) -> int:
-        await self.start(model.base_model)
-        return await super().get_step(model)
-
-    async def delete_checkpoints(self, model: TrainableModel, keep_steps: list[int]) -> list[int]:
-        await self.start(model.base_model)
-        return await super().delete_checkpoints(model, keep_steps)
 
     def job(self, job_id: str) -> TrainJob:
         if not self._connected:

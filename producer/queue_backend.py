@@ -83,6 +83,7 @@ class QueueBackend(Backend):
     # ------------------------------------------------------------------ public
 
     async def register(self, model: TrainableModel) -> None:
+        await self._prepare(model)
         model._attach(self)
         job = await self._submit(model, "register")
         outcome = await job.result()
@@ -94,6 +95,7 @@ class QueueBackend(Backend):
     ) -> TrainJob:
         config = build_config(options)
         validate_groups(groups, allow_missing_logprobs=config.allow_training_without_logprobs)
+        await self._prepare(model)
         payload = _groups_encoder.encode(groups)
         if len(payload) > self.max_payload_bytes:
             raise PayloadTooLargeError(
@@ -121,6 +123,7 @@ class QueueBackend(Backend):
         return TrainJob(self._redis, job_id)
 
     async def get_step(self, model: TrainableModel) -> int:
+        await self._prepare(model)
         with translated_errors(f"reading the step of {model.project}/{model.name}"):
             step = await self._redis.hget(keys.model_key(model.project, model.name), "step")
         if step is None:
@@ -129,6 +132,7 @@ class QueueBackend(Backend):
         return int(step)
 
     async def delete_checkpoints(self, model: TrainableModel, keep_steps: list[int]) -> list[int]:
+        await self._prepare(model)
         job = await self._submit(model, "delete_checkpoints", keep_steps=sorted(set(keep_steps)))
         await job.result()
         outcome = (await job.record()).outcome
@@ -156,6 +160,9 @@ class QueueBackend(Backend):
             self._celery = None
 
     # ---------------------------------------------------------------- internal
+
+    async def _prepare(self, model: TrainableModel) -> None:
+        """Called before a call's first I/O for ``model``; a subclass may start services here."""
 
     async def _submit(
         self,
