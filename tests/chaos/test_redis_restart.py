@@ -34,7 +34,7 @@ async def test_jobs_queued_and_running_across_a_redis_restart_each_complete_once
 
             # Callers block in backend.train: one job runs (a few seconds), two wait in the queue.
             callers = [
-                asyncio.create_task(backend.train(model, make_groups(2, n_trajectories=4, n_tokens=160))),
+                asyncio.create_task(backend.train(model, make_groups(8, n_trajectories=8, n_tokens=256))),
                 asyncio.create_task(backend.train(model, [make_group(seed=1)])),
                 asyncio.create_task(backend.train(model, [make_group(seed=2)])),
             ]

@@ -41,11 +41,11 @@ async def test_a_job_whose_whole_worker_was_killed_completes_once_after_a_restar
         async with QueueBackend(server.url, path=str(tmp_path / "logs")) as backend:
             model = TrainableModel("killed", "chaos", base_model=str(tiny_model))
             await model.register(backend)
-            # Big enough that the step takes a few seconds on the tiny model, so the kill lands mid-job.
-            interrupted = await backend.submit_train(model, make_groups(2, n_trajectories=4, n_tokens=160))
+            # Big enough (32k tokens) that the step takes seconds on the tiny model, so the kill lands mid-job.
+            interrupted = await backend.submit_train(model, make_groups(16, n_trajectories=8, n_tokens=256))
             queued = await backend.submit_train(model, make_groups(1))
             await wait_status(interrupted, JobStatus.RUNNING)
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.2)
 
             killed_at = time.monotonic()
             kill_whole_worker(worker.proc.pid, worker.child_pid)
