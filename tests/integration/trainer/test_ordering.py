@@ -42,7 +42,7 @@ async def test_three_producers_get_gapless_steps_in_submission_order(
 async def test_cancel_while_queued_skips_the_job_and_keeps_steps_gapless(
     backend: QueueBackend, model: TrainableModel
 ) -> None:
-    first = await backend.submit_train(model, make_groups(8, n_tokens=64))
+    first = await backend.submit_train(model, make_groups(16, n_trajectories=8, n_tokens=128))  # runs for seconds
     second = await backend.submit_train(model, make_groups(1))
     third = await backend.submit_train(model, make_groups(1))
     assert await second.cancel() is True
