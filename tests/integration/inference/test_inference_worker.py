@@ -45,6 +45,7 @@ async def sample(client: openai.AsyncOpenAI, model: str, max_tokens: int = 8) ->
     return Choice.from_openai(completion)
 
 
+@pytest.mark.timeout(480)
 async def test_late_replica_serves_every_retained_checkpoint(worker, start_worker, make_adapter, publish):
     """Runs first: the replica's vLLM starts while the main worker's does (each start is mostly imports)."""
     for step in range(4):
@@ -57,7 +58,8 @@ async def test_late_replica_serves_every_retained_checkpoint(worker, start_worke
     publish("saved", "beta", 6, make_adapter("beta", 6, seed=46), base_model="some/other-model")
 
     replica = start_worker()
-    ids = await replica.wait_models({f"beta@{step}" for step in range(4)})
+    # Two vLLMs start at once on two cores: allow for a slow machine.
+    ids = await replica.wait_models({f"beta@{step}" for step in range(4)}, timeout=360)
 
     assert not {"beta@4", "beta@5", "beta@6"} & ids
     async with client_of(replica) as client:
