@@ -1,7 +1,8 @@
 """The trainer's job decoder against mutated and random input.
 
 Whatever bytes arrive as a job, the decoding path (``decode_request`` for the
-Celery argument, ``decode_groups`` for the claim-checked payload) either gives
+Celery argument, ``decode_groups`` and then ``validate_groups``, which
+``Trainer.train`` runs, for the claim-checked payload) either gives
 back a fully valid job or raises its own clean rejection that says where the
 problem is; nothing else escapes.
 """
@@ -143,13 +144,16 @@ def _request_verdict(raw: bytes) -> str | None:
 
 
 def _groups_verdict(raw: bytes) -> str | None:
-    """``None`` if ``raw`` decodes to valid groups, else the ``ValueError``'s message."""
+    """``None`` if ``raw`` decodes to valid groups, else the ``ValueError``'s message.
+
+    The worker's two checks in turn: the schema as it decodes, the rest in ``Trainer.train``.
+    """
     try:
         groups = decode_groups(raw)
+        validate_groups(groups)
     except ValueError as exc:
         assert str(exc)
         return str(exc)
-    validate_groups(groups)
     assert all(math.isfinite(t.reward) for g in groups for t in g.trajectories)
     return None
 
