@@ -137,6 +137,7 @@ async def _loop(
             pbar_desc=f"sample @{model.get_inference_name()}",
         )
         sampled_at = await model.get_step()
+        sample_s = time.monotonic() - started
         result = await backend.train(model, groups, learning_rate=config.learning_rate)
         logged = await model.log(groups, metrics=result.metrics, step=result.step, split="train")
         records.append(
@@ -146,7 +147,11 @@ async def _loop(
                 reward=logged["reward"],
                 loss=result.metrics.get("loss"),
                 seconds=time.monotonic() - started,
-                extra={"train_s": getattr(result, "train_s", 0.0)},
+                extra={
+                    "sample_s": sample_s,
+                    "train_s": getattr(result, "train_s", 0.0),
+                    "num_groups_trainable": result.metrics.get("num_groups_trainable", 0.0),
+                },
             )
         )
         print(
