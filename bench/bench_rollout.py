@@ -7,58 +7,95 @@ checkpoint stream as a trainer would. Both targets are sampled on the *same*
 server, so the flags are identical: the base model by its served name (no
 adapter in the batch) and the adapter by ``name@step``.
 
-Each batch sends ``requests`` chat completions (logprobs on, as rollouts ask)
-of ``max_tokens`` each with ``ignore_eos`` (every answer is exactly that
-long) at concurrency 1 and 8; batches of the two targets are interleaved
-round by round. Columns: completion tokens/s of the batch (median and the
-slowest round), per-request latency median and p99, and the adapter's
-throughput as a share of the base model's.
+Two workloads, the batches of the two targets interleaved round by round:
+``decode`` sends chat completions (logprobs on, as rollouts ask) of
+``max_tokens`` each with ``ignore_eos`` (every answer is exactly that long)
+to a short prompt at concurrency 1 and 8; ``prefill`` is a demo step, 32
+requests at once of a ~100-token prompt with 3-token answers. Columns:
+completion tokens/s of the batch (median and the slowest round), per-request
+latency median and p99, and the adapter's throughput as a share of the base
+model's.
+
+vLLM-CPU's own LoRA kernels copy the adapter's weights once per token; the
+inference worker replaces them with grouped ones (inference_worker/vllm_plugin.py).
+``--kernels both`` measures vLLM's, then trainq's, in one run.
 
 Target: the adapter within 10% of the base model.
 
     python bench/bench_rollout.py --quick            # tiny model, 2 rounds (< 1 min once vLLM is up)
     python bench/bench_rollout.py                    # SmolLM2-135M (the embedded default), 5 rounds
+    python bench/bench_rollout.py --kernels both --rounds 3   # vLLM's LoRA kernels, then trainq's
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from _common import machine_line, median, percentile, print_table, verdict
 
 import httpx
 
+from inference_worker import vllm_plugin
 from tests.integration.inference.adapters import checkpoint_dir, write_adapter
 from tests.integration.inference.worker import API_KEY, InferenceWorker, publish_checkpoint
 from tests.support.services import run_redis
 
 TARGET_GAP = 0.10
 PROMPT = "Write a short story about an agent that plays a number guessing game, one turn at a time."
+# A demo-like step: a ~100-token prompt (rules and two worked turns), a few-token answer, 32 at once.
+LONG_PROMPT = [
+    {"role": "system", "content": "You answer with exactly one word: yes, no, or maybe. Never explain."},
+    {"role": "user", "content": "Is water wet? Respond with yes, no, or maybe."},
+    {"role": "assistant", "content": "no"},
+    {"role": "user", "content": "Will it snow in July where you live? Answer only maybe, no or yes."},
+    {"role": "assistant", "content": "maybe"},
+    {"role": "user", "content": "Is this a question that can be answered? Reply with one word: yes, no, or maybe."},
+]
 
 
-async def one_request(http: httpx.AsyncClient, model: str, max_tokens: int) -> tuple[float, int]:
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    messages: list[dict[str, str]] = field(compare=False)  # (name, concurrency, ...) identify a workload
+    concurrency: int
+    requests: int
+    max_tokens: int
+
+
+def workloads(args: argparse.Namespace) -> list[Workload]:
+    """Decode-bound (short prompt, long answers) at concurrency 1 and 8, and prefill-bound (a demo step)."""
+    short = [{"role": "user", "content": PROMPT}]
+    return [
+        Workload("decode", short, 1, args.requests_per_client, args.max_tokens),
+        Workload("decode", short, 8, 8 * args.requests_per_client, args.max_tokens),
+        Workload("prefill", LONG_PROMPT, 32, 32, 3),
+    ]
+
+
+async def one_request(http: httpx.AsyncClient, model: str, work: Workload) -> tuple[float, int]:
     body = {
         "model": model,
-        "messages": [{"role": "user", "content": PROMPT}],
-        "max_tokens": max_tokens,
+        "messages": work.messages,
+        "max_tokens": work.max_tokens,
         "temperature": 1.0,
         "logprobs": True,
         "ignore_eos": True,
     }
     started = time.perf_counter()
-    response = await http.post("/v1/chat/completions", json=body, timeout=300)
+    response = await http.post("/v1/chat/completions", json=body, timeout=600)
     response.raise_for_status()
     return time.perf_counter() - started, int(response.json()["usage"]["completion_tokens"])
 
 
-async def batch(http: httpx.AsyncClient, model: str, concurrency: int, requests: int, max_tokens: int
-                ) -> tuple[float, list[float]]:
-    """``requests`` requests, ``concurrency`` in flight; returns (completion tokens/s, latencies)."""
-    queue = list(range(requests))
+async def batch(http: httpx.AsyncClient, model: str, work: Workload) -> tuple[float, list[float]]:
+    """``work.requests`` requests, ``work.concurrency`` in flight; returns (completion tokens/s, latencies)."""
+    queue = list(range(work.requests))
     latencies: list[float] = []
     tokens = 0
 
@@ -66,16 +103,21 @@ async def batch(http: httpx.AsyncClient, model: str, concurrency: int, requests:
         nonlocal tokens
         while queue:
             queue.pop()
-            latency, n = await one_request(http, model, max_tokens)
+            latency, n = await one_request(http, model, work)
             latencies.append(latency)
             tokens += n
 
     started = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(concurrency)))
+    await asyncio.gather(*(client() for _ in range(work.concurrency)))
     return tokens / (time.perf_counter() - started), latencies
 
 
-async def main_async(args: argparse.Namespace) -> None:
+Results = dict[tuple[Workload, str], list[tuple[float, list[float]]]]
+
+
+async def measure(args: argparse.Namespace, grouped_kernels: bool) -> tuple[Results, float]:
+    """One inference worker, base and adapter sampled round by round; (results, vLLM start seconds)."""
+    os.environ[vllm_plugin.ENV_FLAG] = "1" if grouped_kernels else "0"  # the worker passes it to vLLM
     with tempfile.TemporaryDirectory() as tmp_name, run_redis(Path(tmp_name) / "redis") as redis_url:
         tmp = Path(tmp_name)
         base = model_path(args.model, tmp)
@@ -90,40 +132,58 @@ async def main_async(args: argparse.Namespace) -> None:
                                path=adapter_dir, base_model=str(base))
             await worker.wait_models({"rollout@1"}, timeout=60)
             targets = {"base": str(base), "adapter": "rollout@1"}
+            warm_up = Workload("warm-up", [{"role": "user", "content": PROMPT}], 2, 2, 8)
+            results: Results = {}
             async with httpx.AsyncClient(base_url=worker.base_url, headers={"Authorization": f"Bearer {API_KEY}"}) as http:
                 for model in targets.values():  # first requests pay lazy set-up
-                    await batch(http, model, 2, 2, 8)
-                results: dict[tuple[int, str], list[tuple[float, list[float]]]] = {}
+                    await batch(http, model, warm_up)
                 for _ in range(args.rounds):
-                    for concurrency in (1, 8):
+                    for work in workloads(args):
                         for name, model in targets.items():
-                            requests = concurrency * args.requests_per_client
-                            results.setdefault((concurrency, name), []).append(
-                                await batch(http, model, concurrency, requests, args.max_tokens)
-                            )
+                            results.setdefault((work, name), []).append(await batch(http, model, work))
         finally:
             await worker.aclose()
+    return results, startup
 
-    print(machine_line())
-    print(f"model {args.model} ({base.name}), vLLM CPU via the inference worker (started in {startup:.0f} s), "
-          f"both targets on the same server (--enable-lora, max-loras 2, rank 8); {args.rounds} rounds, "
-          f"{args.requests_per_client} requests per client, max_tokens {args.max_tokens}, ignore_eos")
-    rows, ratios = [], {}
-    for concurrency in (1, 8):
-        base_tps = median([tps for tps, _ in results[(concurrency, "base")]])
+
+def report(args: argparse.Namespace, kernels: str, results: Results, startup: float) -> dict[Workload, float]:
+    """Print one run's table; return the adapter's share of the base model's tokens/s per workload."""
+    print(f"\n{kernels} LoRA kernels: model {args.model}, vLLM CPU via the inference worker (started in "
+          f"{startup:.0f} s), base and adapter on the same server (--enable-lora, max-loras 2, rank 8); "
+          f"{args.rounds} rounds, ignore_eos")
+    rows, shares = [], {}
+    for work in workloads(args):
+        base_tps = median([tps for tps, _ in results[(work, "base")]])
         for name in ("base", "adapter"):
-            runs = results[(concurrency, name)]
+            runs = results[(work, name)]
             tps = [t for t, _ in runs]
             latencies = [x for _, lat in runs for x in lat]
-            ratios[(concurrency, name)] = median(tps) / base_tps
-            rows.append([str(concurrency), name, f"{median(tps):,.1f}", f"{min(tps):,.1f}",
-                         f"{median(latencies) * 1e3:,.0f}", f"{percentile(latencies, 99) * 1e3:,.0f}",
+            shares[work] = median(tps) / base_tps
+            rows.append([work.name, str(work.concurrency), str(work.max_tokens), name, f"{median(tps):,.1f}",
+                         f"{min(tps):,.1f}", f"{median(latencies) * 1e3:,.0f}", f"{percentile(latencies, 99) * 1e3:,.0f}",
                          f"{median(tps) / base_tps:.1%}"])
-    print_table(["concurrency", "target", "tok/s median", "tok/s worst", "latency ms", "p99 ms", "of base"], rows)
-    for concurrency in (1, 8):
-        gap = 1 - ratios[(concurrency, "adapter")]
-        print(f"concurrency {concurrency}: adapter {gap:+.1%} slower than base (target within "
-              f"{TARGET_GAP:.0%}) -> {verdict(gap <= TARGET_GAP)}")
+    print_table(["workload", "concurrency", "max_tokens", "target", "tok/s median", "tok/s worst", "latency ms",
+                 "p99 ms", "of base"], rows)
+    for work, share in shares.items():
+        gap = 1 - share
+        print(f"{work.name} at concurrency {work.concurrency}: adapter {gap:+.1%} slower than base "
+              f"(target within {TARGET_GAP:.0%}) -> {verdict(gap <= TARGET_GAP)}")
+    return shares
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    print(machine_line())
+    runs = ["vllm", "grouped"] if args.kernels == "both" else [args.kernels]
+    adapter_tps: dict[str, dict[Workload, float]] = {}
+    for kernels in runs:
+        results, startup = await measure(args, grouped_kernels=kernels == "grouped")
+        report(args, kernels, results, startup)
+        adapter_tps[kernels] = {work: median([t for t, _ in results[(work, "adapter")]]) for work in workloads(args)}
+    if len(runs) == 2:
+        print("\nadapter tokens/s, trainq's grouped kernels against vLLM's own (same run):")
+        for work in workloads(args):
+            before, after = adapter_tps["vllm"][work], adapter_tps["grouped"][work]
+            print(f"  {work.name} at concurrency {work.concurrency}: {before:,.1f} -> {after:,.1f} ({after / before:.1f}x)")
 
 
 def model_path(name: str, tmp: Path) -> Path:
@@ -144,6 +204,9 @@ def main() -> None:
     parser.add_argument("--requests-per-client", type=int, default=None)
     parser.add_argument("--max-tokens", type=int, default=None)
     parser.add_argument("--startup-timeout", type=float, default=300.0)
+    parser.add_argument("--kernels", choices=["grouped", "vllm", "both"], default="grouped",
+                        help="vLLM-CPU's LoRA kernels: trainq's grouped ones (the inference worker's default), "
+                             "vLLM's own, or both in turn for a before/after")
     args = parser.parse_args()
     defaults = ("tiny", 2, 2, 32) if args.quick else ("smollm2", 5, 3, 128)
     for field, value in zip(("model", "rounds", "requests_per_client", "max_tokens"), defaults):
