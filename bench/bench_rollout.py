@@ -5,13 +5,16 @@ on) serves the base model and one LoRA adapter (r=8 on every projection, as
 the trainer writes them, random non-zero weights), announced on the
 checkpoint stream as a trainer would. Both targets are sampled on the *same*
 server, so the flags are identical: the base model by its served name (no
-adapter in the batch) and the adapter by ``name@step``.
+adapter in the batch) and the adapter by ``name@step``. The server runs with
+the local stack's CPU settings (4096-token context, 1 GiB KV cache, up to 4
+adapters of rank <= 16).
 
 Two workloads, the batches of the two targets interleaved round by round:
 ``decode`` sends chat completions (logprobs on, as rollouts ask) of
 ``max_tokens`` each with ``ignore_eos`` (every answer is exactly that long)
 to a short prompt at concurrency 1 and 8; ``prefill`` is a demo step, 32
-requests at once of a ~100-token prompt with 3-token answers. Columns:
+requests at once, 8 of each of 4 ~100-token prompts, with 3-token answers
+(new prompt text every batch, so no batch reuses another's prefix cache). Columns:
 completion tokens/s of the batch (median and the slowest round), per-request
 latency median and p99, and the adapter's throughput as a share of the base
 model's.
@@ -31,58 +34,76 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
+import itertools
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from _common import machine_line, median, percentile, print_table, verdict
 
 import httpx
 
-from inference_worker import vllm_plugin
+from inference_worker.settings import InferenceSettings
+from producer.local_backend import CPU_INFERENCE_DEFAULTS
 from tests.integration.inference.adapters import checkpoint_dir, write_adapter
 from tests.integration.inference.worker import API_KEY, InferenceWorker, publish_checkpoint
 from tests.support.services import run_redis
 
 TARGET_GAP = 0.10
+# As LocalBackend runs the inference worker on CPU, with the worker's default LoRA limits.
+STACK_SETTINGS = {
+    **CPU_INFERENCE_DEFAULTS,
+    "--max-loras": str(InferenceSettings.model_fields["max_loras"].default),
+    "--max-lora-rank": str(InferenceSettings.model_fields["max_lora_rank"].default),
+}
 PROMPT = "Write a short story about an agent that plays a number guessing game, one turn at a time."
-# A demo-like step: a ~100-token prompt (rules and two worked turns), a few-token answer, 32 at once.
-LONG_PROMPT = [
+# A demo step: 4 prompts of ~100 tokens (rules and two worked turns) x 8 samples, a few-token answer, all at once.
+FEW_SHOT = [
     {"role": "system", "content": "You answer with exactly one word: yes, no, or maybe. Never explain."},
     {"role": "user", "content": "Is water wet? Respond with yes, no, or maybe."},
     {"role": "assistant", "content": "no"},
     {"role": "user", "content": "Will it snow in July where you live? Answer only maybe, no or yes."},
     {"role": "assistant", "content": "maybe"},
-    {"role": "user", "content": "Is this a question that can be answered? Reply with one word: yes, no, or maybe."},
 ]
+_batches = itertools.count()
 
 
 @dataclass(frozen=True)
 class Workload:
     name: str
-    messages: list[dict[str, str]] = field(compare=False)  # (name, concurrency, ...) identify a workload
     concurrency: int
     requests: int
     max_tokens: int
+    distinct_prompts: int
+    """Requests share their prompt in groups (as the samples of a trajectory group do); 0: one short prompt."""
+
+    def prompts(self) -> list[list[dict[str, str]]]:
+        """A batch's prompts. New text each batch: no batch reuses another's prefix cache."""
+        if not self.distinct_prompts:
+            return [[{"role": "user", "content": PROMPT}]]
+        batch = next(_batches)
+        return [
+            [*FEW_SHOT, {"role": "user", "content": f"Question {batch}.{i}: is {i + batch} even? Reply with one word: yes, no, or maybe."}]
+            for i in range(self.distinct_prompts)
+        ]
 
 
 def workloads(args: argparse.Namespace) -> list[Workload]:
     """Decode-bound (short prompt, long answers) at concurrency 1 and 8, and prefill-bound (a demo step)."""
-    short = [{"role": "user", "content": PROMPT}]
     return [
-        Workload("decode", short, 1, args.requests_per_client, args.max_tokens),
-        Workload("decode", short, 8, 8 * args.requests_per_client, args.max_tokens),
-        Workload("prefill", LONG_PROMPT, 32, 32, 3),
+        Workload("decode", 1, args.requests_per_client, args.max_tokens, 0),
+        Workload("decode", 8, 8 * args.requests_per_client, args.max_tokens, 0),
+        Workload("prefill", 32, 32, 3, 4),
     ]
 
 
-async def one_request(http: httpx.AsyncClient, model: str, work: Workload) -> tuple[float, int]:
+async def one_request(http: httpx.AsyncClient, model: str, messages: list[dict[str, str]], max_tokens: int
+                      ) -> tuple[float, int]:
     body = {
         "model": model,
-        "messages": work.messages,
-        "max_tokens": work.max_tokens,
+        "messages": messages,
+        "max_tokens": max_tokens,
         "temperature": 1.0,
         "logprobs": True,
         "ignore_eos": True,
@@ -95,15 +116,15 @@ async def one_request(http: httpx.AsyncClient, model: str, work: Workload) -> tu
 
 async def batch(http: httpx.AsyncClient, model: str, work: Workload) -> tuple[float, list[float]]:
     """``work.requests`` requests, ``work.concurrency`` in flight; returns (completion tokens/s, latencies)."""
-    queue = list(range(work.requests))
+    prompts = work.prompts()
+    queue = [prompts[i % len(prompts)] for i in range(work.requests)]
     latencies: list[float] = []
     tokens = 0
 
     async def client() -> None:
         nonlocal tokens
         while queue:
-            queue.pop()
-            latency, n = await one_request(http, model, work)
+            latency, n = await one_request(http, model, queue.pop(), work.max_tokens)
             latencies.append(latency)
             tokens += n
 
@@ -117,13 +138,14 @@ Results = dict[tuple[Workload, str], list[tuple[float, list[float]]]]
 
 async def measure(args: argparse.Namespace, grouped_kernels: bool) -> tuple[Results, float]:
     """One inference worker, base and adapter sampled round by round; (results, vLLM start seconds)."""
-    os.environ[vllm_plugin.ENV_FLAG] = "1" if grouped_kernels else "0"  # the worker passes it to vLLM
     with tempfile.TemporaryDirectory() as tmp_name, run_redis(Path(tmp_name) / "redis") as redis_url:
         tmp = Path(tmp_name)
         base = model_path(args.model, tmp)
         root = tmp / "checkpoints"
         adapter_dir = write_adapter(base, checkpoint_dir(root, "bench", "rollout", 1), seed=1, scale=0.05)
-        worker = InferenceWorker(redis_url=redis_url, base_model=base, checkpoint_root=root, log_path=tmp / "inference.log")
+        worker = InferenceWorker(redis_url=redis_url, base_model=base, checkpoint_root=root,
+                                 log_path=tmp / "inference.log",
+                                 settings={**STACK_SETTINGS, "--grouped-lora" if grouped_kernels else "--no-grouped-lora": None})
         try:
             started = time.perf_counter()
             await worker.wait_models({str(base)}, timeout=args.startup_timeout)
@@ -132,7 +154,7 @@ async def measure(args: argparse.Namespace, grouped_kernels: bool) -> tuple[Resu
                                path=adapter_dir, base_model=str(base))
             await worker.wait_models({"rollout@1"}, timeout=60)
             targets = {"base": str(base), "adapter": "rollout@1"}
-            warm_up = Workload("warm-up", [{"role": "user", "content": PROMPT}], 2, 2, 8)
+            warm_up = Workload("warm-up", 2, 2, 8, 0)
             results: Results = {}
             async with httpx.AsyncClient(base_url=worker.base_url, headers={"Authorization": f"Bearer {API_KEY}"}) as http:
                 for model in targets.values():  # first requests pay lazy set-up
@@ -149,7 +171,7 @@ async def measure(args: argparse.Namespace, grouped_kernels: bool) -> tuple[Resu
 def report(args: argparse.Namespace, kernels: str, results: Results, startup: float) -> dict[Workload, float]:
     """Print one run's table; return the adapter's share of the base model's tokens/s per workload."""
     print(f"\n{kernels} LoRA kernels: model {args.model}, vLLM CPU via the inference worker (started in "
-          f"{startup:.0f} s), base and adapter on the same server (--enable-lora, max-loras 2, rank 8); "
+          f"{startup:.0f} s), base and adapter on the same server ({' '.join(f'{k} {v}' for k, v in STACK_SETTINGS.items())}); "
           f"{args.rounds} rounds, ignore_eos")
     rows, shares = [], {}
     for work in workloads(args):

@@ -31,6 +31,11 @@ class InferenceSettings(ServiceSettings):
     kv_cache_gib: int = Field(
         4, ge=1, description="KV cache size in whole GiB on CPU builds (VLLM_CPU_KVCACHE_SPACE); ignored on GPU."
     )
+    grouped_lora: bool = Field(
+        True,
+        description="On vLLM's CPU build, apply LoRA with trainq's grouped kernels (inference_worker/vllm_plugin.py) "
+        "instead of vLLM's, which copy the adapter's weights once per token; no effect on GPU builds.",
+    )
     vllm_args: str = Field(
         "", description="Extra arguments for vLLM's api_server, shell-quoted, e.g. '--enforce-eager --dtype float32'."
     )

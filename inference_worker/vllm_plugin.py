@@ -13,8 +13,9 @@ in the batch, usually one.
 
 vLLM loads every ``vllm.general_plugins`` entry point in each of its
 processes; this one acts only when ``TRAINQ_VLLM_GROUPED_LORA=1``, which the
-inference worker sets for the vLLM it supervises, so a vLLM started by hand
-on a machine where trainq is installed is left alone.
+inference worker sets for the vLLM it supervises (``--grouped-lora``, on by
+default), so a vLLM started by hand on a machine where trainq is installed is
+left alone.
 """
 
 from __future__ import annotations

@@ -57,7 +57,7 @@ _STOP_GRACE_S = _GUARD_GRACE_S + 10.0
 _GUARD_MAIN = "import sys; from producer.local_backend import guard; sys.exit(guard(sys.argv[1:]))"
 # A laptop-sized vLLM: its 4 GiB KV cache default is sized for servers. Flags given win.
 # (The trainer picks its CPU micro-batch size itself: trainer_worker/settings.py.)
-_CPU_INFERENCE_DEFAULTS = {"--kv-cache-gib": "1", "--max-model-len": "4096"}
+CPU_INFERENCE_DEFAULTS = {"--kv-cache-gib": "1", "--max-model-len": "4096"}
 
 
 class StackInfo(msgspec.Struct, kw_only=True):
@@ -141,7 +141,7 @@ class LocalBackend(QueueBackend):
             api_key=api_key,
             device=device,
             cache_dir=cache_dir,
-            inference_args=_with_defaults(inference_args, _CPU_INFERENCE_DEFAULTS if device == "cpu" else {}),
+            inference_args=_with_defaults(inference_args, CPU_INFERENCE_DEFAULTS if device == "cpu" else {}),
             trainer_args=list(trainer_args or []),
         )
         self.startup_timeout = startup_timeout

@@ -48,24 +48,31 @@ def publish_checkpoint(
 class InferenceWorker:
     """One ``python -m inference_worker`` on free loopback ports, logging to a file."""
 
-    def __init__(self, *, redis_url: str, base_model: Path, checkpoint_root: Path, log_path: Path) -> None:
+    def __init__(
+        self, *, redis_url: str, base_model: Path, checkpoint_root: Path, log_path: Path,
+        settings: dict[str, str | None] | None = None,
+    ) -> None:
+        """``settings`` replace or add flags, e.g. ``{"--max-model-len": "4096", "--no-grouped-lora": None}``
+        (``None``: a flag without a value); the defaults keep tests light."""
         self.port = free_port()
         self.metrics_port = free_port()
         self.log_path = log_path
-        args = [
-            "--redis-url", redis_url,
-            "--base-model", str(base_model),
-            "--checkpoint-root", str(checkpoint_root),
-            "--port", str(self.port),
-            "--metrics-port", str(self.metrics_port),
-            "--api-key", API_KEY,
-            "--kv-cache-gib", "1",
-            "--max-model-len", "512",
-            "--max-loras", "2",
-            "--max-lora-rank", "8",
-            "--restart-backoff-s", "0.2",
-            "--health-interval-s", "0.5",
-        ]
+        flags: dict[str, str | None] = {
+            "--redis-url": redis_url,
+            "--base-model": str(base_model),
+            "--checkpoint-root": str(checkpoint_root),
+            "--port": str(self.port),
+            "--metrics-port": str(self.metrics_port),
+            "--api-key": API_KEY,
+            "--kv-cache-gib": "1",
+            "--max-model-len": "512",
+            "--max-loras": "2",
+            "--max-lora-rank": "8",
+            "--restart-backoff-s": "0.2",
+            "--health-interval-s": "0.5",
+            **(settings or {}),
+        }
+        args = [part for flag, value in flags.items() for part in ((flag,) if value is None else (flag, value))]
         with open(log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 python_module_cmd("inference_worker", *args), env=child_env(), stdout=log, stderr=subprocess.STDOUT

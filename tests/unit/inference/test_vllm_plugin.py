@@ -94,3 +94,14 @@ def test_register_swaps_the_cpu_kernels_only_when_asked(monkeypatch: pytest.Monk
     assert lora_ops.bgmv_expand_slice is vllm_plugin.bgmv_expand_slice
     # The sequence variants go through the swapped per-token ones.
     assert punica_cpu.sgmv_expand_slice is lora_ops.sgmv_expand_slice
+
+
+@pytest.mark.parametrize("grouped_lora", [True, False])
+def test_the_supervisor_tells_vllm_which_kernels_to_use(grouped_lora: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    from inference_worker.settings import InferenceSettings
+    from inference_worker.supervisor import vllm_env
+
+    monkeypatch.setenv(vllm_plugin.ENV_FLAG, "1")  # a stale value in the worker's own environment is overridden
+    settings = InferenceSettings(redis_url="redis://127.0.0.1:1/0", base_model="m", checkpoint_root="/tmp",
+                                 grouped_lora=grouped_lora)
+    assert vllm_env(settings)[vllm_plugin.ENV_FLAG] == ("1" if grouped_lora else "0")
