@@ -1,21 +1,28 @@
-"""A vLLM plugin: LoRA on vLLM's CPU build as one matmul per adapter, not one weight copy per token.
+"""trainq's vLLM plugin: what the vLLM the inference worker starts needs on a CPU machine.
 
-vLLM-CPU applies LoRA with ``lora_ops.bgmv_*`` in plain torch: it gathers the
-adapter's weight matrix for *every token* (``weights[indices]``, a ``tokens x
-out x rank`` copy) and contracts with ``einsum``. On a prompt of a few
-thousand tokens that copy is hundreds of MB per projection per layer, so a
-batch of adapter rollouts ran ~18x slower than the same batch on the base
-model (bench/bench_rollout.py, bench/bench_local_loop.py --with-stack).
+Two things, in each of vLLM's processes:
 
-The replacements below give the same results (same indexing, same dtype
-casts, same slice and add semantics) with one ``x @ w.T`` per distinct adapter
-in the batch, usually one.
+**AMX permission.** On x86 CPUs with AMX (Sapphire Rapids and later) Linux
+kills a process that runs an AMX instruction without first asking the kernel
+for the tile state (``arch_prctl(ARCH_REQ_XCOMP_PERM)``). oneDNN asks when it
+first runs, but vLLM-CPU's own kernels may run AMX before that: on such a
+machine the test suite's tiny model killed vLLM's worker with SIGILL on its
+first request. ``torch._C._cpu._init_amx()`` asks (and is a no-op elsewhere).
+
+**LoRA as one matmul per adapter.** vLLM-CPU applies LoRA with
+``lora_ops.bgmv_*`` in plain torch: it gathers the adapter's weight matrix for
+*every token* (``weights[indices]``, a ``tokens x out x rank`` copy) and
+contracts with ``einsum``. On a batch of prompts that copy is hundreds of MB
+per projection per layer: a demo step's 32 rollouts through an adapter ran at
+5.5% of the base model's speed (bench/bench_rollout.py --kernels both). The
+replacements below give the same results (same indexing, same dtype casts,
+same slice and add semantics) with one ``x @ w.T`` per distinct adapter in the
+batch, usually one. ``--no-grouped-lora`` on the inference worker keeps vLLM's.
 
 vLLM loads every ``vllm.general_plugins`` entry point in each of its
-processes; this one acts only when ``TRAINQ_VLLM_GROUPED_LORA=1``, which the
-inference worker sets for the vLLM it supervises (``--grouped-lora``, on by
-default), so a vLLM started by hand on a machine where trainq is installed is
-left alone.
+processes; this one acts only when ``TRAINQ_VLLM_PLUGIN=1``, which the
+inference worker sets for the vLLM it supervises, so a vLLM started by hand on
+a machine where trainq is installed is left alone.
 """
 
 from __future__ import annotations
@@ -27,17 +34,28 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # tensor methods only at run time: the inference worker imports this module without torch
     import torch
 
-__all__ = ["ENV_FLAG", "bgmv_expand", "bgmv_expand_slice", "bgmv_shrink", "register"]
+__all__ = ["ENABLE_FLAG", "GROUPED_LORA_FLAG", "bgmv_expand", "bgmv_expand_slice", "bgmv_shrink", "register"]
 
 log = logging.getLogger("vllm.plugins.trainq")  # vLLM configures its own loggers' handlers, not the root's
 
-ENV_FLAG = "TRAINQ_VLLM_GROUPED_LORA"
+ENABLE_FLAG = "TRAINQ_VLLM_PLUGIN"
+GROUPED_LORA_FLAG = "TRAINQ_VLLM_GROUPED_LORA"
 
 
 def register() -> None:
-    """vLLM's plugin hook: swap the CPU LoRA kernels when the inference worker asked for it."""
-    if os.environ.get(ENV_FLAG) != "1":
+    """vLLM's plugin hook; does nothing unless the inference worker started this vLLM."""
+    if os.environ.get(ENABLE_FLAG) != "1":
         return
+    import torch
+
+    init_amx = getattr(torch._C._cpu, "_init_amx", None)  # private torch API: tolerate its absence
+    if init_amx is not None:
+        init_amx()
+    if os.environ.get(GROUPED_LORA_FLAG) == "1":
+        _use_grouped_lora_kernels()
+
+
+def _use_grouped_lora_kernels() -> None:
     from vllm.lora.ops.torch_ops import lora_ops
     from vllm.lora.punica_wrapper import punica_cpu
 
@@ -48,7 +66,7 @@ def register() -> None:
                 setattr(module, name, globals()[name])
     for name in ("sgmv_shrink", "sgmv_expand", "sgmv_expand_slice"):
         setattr(punica_cpu, name, getattr(lora_ops, name))
-    log.info("trainq: vLLM-CPU LoRA uses one matmul per adapter (%s=1)", ENV_FLAG)
+    log.info("trainq: vLLM-CPU LoRA uses one matmul per adapter (%s=1)", GROUPED_LORA_FLAG)
 
 
 def lora_matmul(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -76,18 +76,24 @@ def test_expand_slice_matches_vllm(add_inputs: bool) -> None:
     torch.testing.assert_close(got, expected)
 
 
-def test_register_swaps_the_cpu_kernels_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_register_swaps_the_cpu_kernels_only_for_the_workers_vllm_and_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     punica_cpu = pytest.importorskip("vllm.lora.punica_wrapper.punica_cpu")
     for module in (lora_ops, punica_cpu):
         for kind in ("bgmv", "sgmv"):
             for op in ("shrink", "expand", "expand_slice"):
                 name = f"{kind}_{op}"
                 monkeypatch.setattr(module, name, getattr(module, name))  # restored after the test
-    monkeypatch.delenv(vllm_plugin.ENV_FLAG, raising=False)
-    vllm_plugin.register()
+    monkeypatch.setenv(vllm_plugin.GROUPED_LORA_FLAG, "1")
+    monkeypatch.delenv(vllm_plugin.ENABLE_FLAG, raising=False)
+    vllm_plugin.register()  # not a vLLM the inference worker started
     assert punica_cpu.bgmv_shrink is lora_ops.bgmv_shrink is not vllm_plugin.bgmv_shrink
 
-    monkeypatch.setenv(vllm_plugin.ENV_FLAG, "1")
+    monkeypatch.setenv(vllm_plugin.ENABLE_FLAG, "1")
+    monkeypatch.setenv(vllm_plugin.GROUPED_LORA_FLAG, "0")
+    vllm_plugin.register()  # --no-grouped-lora
+    assert punica_cpu.bgmv_shrink is lora_ops.bgmv_shrink is not vllm_plugin.bgmv_shrink
+
+    monkeypatch.setenv(vllm_plugin.GROUPED_LORA_FLAG, "1")
     vllm_plugin.register()
     assert punica_cpu.bgmv_shrink is vllm_plugin.bgmv_shrink
     assert punica_cpu.bgmv_expand is vllm_plugin.bgmv_expand
@@ -101,7 +107,9 @@ def test_the_supervisor_tells_vllm_which_kernels_to_use(grouped_lora: bool, monk
     from inference_worker.settings import InferenceSettings
     from inference_worker.supervisor import vllm_env
 
-    monkeypatch.setenv(vllm_plugin.ENV_FLAG, "1")  # a stale value in the worker's own environment is overridden
+    monkeypatch.setenv(vllm_plugin.GROUPED_LORA_FLAG, "1")  # a stale value in the worker's environment is overridden
     settings = InferenceSettings(redis_url="redis://127.0.0.1:1/0", base_model="m", checkpoint_root="/tmp",
                                  grouped_lora=grouped_lora)
-    assert vllm_env(settings)[vllm_plugin.ENV_FLAG] == ("1" if grouped_lora else "0")
+    env = vllm_env(settings)
+    assert env[vllm_plugin.ENABLE_FLAG] == "1"
+    assert env[vllm_plugin.GROUPED_LORA_FLAG] == ("1" if grouped_lora else "0")
