@@ -33,6 +33,18 @@ RULES = (
     "Let's play a game. I am thinking of a whole number between 1 and 100. "
     "Guess it: answer with one number only. After each guess I say higher or lower."
 )
+SYSTEM_PROMPT = "You play a number guessing game. Reply with one whole number between 1 and 100 and nothing else."
+# One worked game (binary search on a secret of 37) before the real one: without it a 135M
+# model answers with a number in few games, so almost every reward is 0 and nothing is learnt.
+WORKED_GAME = [
+    {"role": "user", "content": RULES},
+    {"role": "assistant", "content": "50"},
+    {"role": "user", "content": "lower"},
+    {"role": "assistant", "content": "25"},
+    {"role": "user", "content": "higher"},
+    {"role": "assistant", "content": "37"},
+    {"role": "user", "content": "Correct, 37! New game, new number. " + RULES},
+]
 _NUMBER = re.compile(r"-?\d+")
 
 
@@ -74,8 +86,8 @@ def score(secret: int, guesses: list[int | None]) -> float:
 
 async def play(client: AsyncOpenAI, model: TrainableModel, secret: int, config: Config) -> Trajectory:
     """One game; the same secret for every game of a group, so rewards compare like for like."""
-    messages_and_choices: list = [{"role": "user", "content": RULES}]
-    messages: list[dict] = [{"role": "user", "content": RULES}]
+    messages: list[dict] = [{"role": "system", "content": SYSTEM_PROMPT}, *WORKED_GAME]
+    messages_and_choices: list = list(messages)
     guesses: list[int | None] = []
     for _ in range(config.max_turns):
         completion = await client.chat.completions.create(

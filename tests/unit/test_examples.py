@@ -1,0 +1,63 @@
+"""The examples' environments: what the model is rewarded for (their loops run in tests/e2e and the demo)."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import re
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+yes_no_maybe = load("yes_no_maybe")
+guess_number = load("guess_number")
+
+
+@pytest.mark.parametrize(
+    ("text", "reward"),
+    [("yes", 1.0), ("Yes.", 1.0), (" no!", 0.5), ("Maybe", 0.25), ("yes, maybe", 0.0), ("", 0.0), (None, 0.0)],
+)
+def test_yes_no_maybe_rewards_the_one_word_answers(text: str | None, reward: float) -> None:
+    assert yes_no_maybe.reward_for(text) == reward
+
+
+def test_yes_no_maybe_prompts_put_every_option_in_every_position() -> None:
+    prompts = yes_no_maybe.build_prompts()
+    assert len(prompts) == len(set(prompts)) == 24
+    orders = {tuple(re.findall(r"\b(yes|no|maybe)\b", p)) for p in prompts}
+    assert orders == set(itertools.permutations(["yes", "no", "maybe"]))
+
+
+@pytest.mark.parametrize(("text", "guess"), [("50", 50), ("I guess 42.", 42), ("-3", -3), ("higher", None), (None, None)])
+def test_guess_number_reads_the_first_number(text: str | None, guess: int | None) -> None:
+    assert guess_number.parse_guess(text) == guess
+
+
+def test_guess_number_rewards_finding_it_early_then_getting_close() -> None:
+    score = guess_number.score
+    assert score(37, [37]) == pytest.approx(0.98)
+    assert score(37, [50, 25, 37]) == pytest.approx(0.94)
+    assert score(37, [50, 40]) == pytest.approx(0.5 * (1 - 3 / 100) - 0.04)  # closest guess counts
+    assert score(37, [50, 40]) > score(37, [90, 80])
+    assert score(37, [50, None]) == 0.0  # a turn without a number ends the game with nothing
+    assert score(37, []) == 0.0
+
+
+def test_guess_number_prompt_shows_a_worked_game_of_plain_numbers() -> None:
+    answers = [m["content"] for m in guess_number.WORKED_GAME if m["role"] == "assistant"]
+    assert answers and all(guess_number.parse_guess(a) is not None for a in answers)
+    assert guess_number.WORKED_GAME[-1]["role"] == "user"  # the real game's first guess is the model's
