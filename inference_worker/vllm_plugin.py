@@ -56,16 +56,17 @@ def register() -> None:
 
 
 def _use_grouped_lora_kernels() -> None:
-    from vllm.lora.ops.torch_ops import lora_ops
-    from vllm.lora.punica_wrapper import punica_cpu
-
-    # lora_ops' sgmv_* call the module's bgmv_* by name; punica_cpu imported its own references.
+    try:
+        from vllm.lora.ops.torch_ops import lora_ops
+        from vllm.lora.punica_wrapper import punica_cpu
+    except ImportError as exc:  # another vLLM layout: serve with its own kernels rather than not at all
+        log.warning("trainq: keeping vLLM's LoRA kernels (%s)", exc)
+        return
+    # punica_cpu imported its own references to the bgmv_* ops; its sgmv_* are lora_ops', which
+    # call the module's bgmv_* by name, so replacing those in both modules covers all six.
     for module in (lora_ops, punica_cpu):
         for name in ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice"):
-            if hasattr(module, name):
-                setattr(module, name, globals()[name])
-    for name in ("sgmv_shrink", "sgmv_expand", "sgmv_expand_slice"):
-        setattr(punica_cpu, name, getattr(lora_ops, name))
+            setattr(module, name, globals()[name])
     log.info("trainq: vLLM-CPU LoRA uses one matmul per adapter (%s=1)", GROUPED_LORA_FLAG)
 
 
