@@ -159,6 +159,9 @@ def compare(in_process: list[StepTime], through_stack: list[StepTime], groups_pe
 
     print(f"\nmean seconds per step over steps {[s.step for s in a]} in process and {[s.step for s in b]} "
           f"through the stack (after the first, every group trained):")
+    if any(s.trainable_groups != groups_per_step for s in a + b):
+        print("  (a loop had no such step: comparing all steps after the first, which did different work; "
+              "rerun with a lower --learning-rate or more --steps)")
     print(f"{'phase':>8}  {'in process':>10}  {'stack':>7}  {'ratio':>6}")
     for phase in ("sample_s", "train_s", "total_s"):
         print(f"{phase[:-2]:>8}  {mean(a, phase):>10.1f}  {mean(b, phase):>7.1f}  {mean(b, phase) / mean(a, phase):>5.2f}x")
