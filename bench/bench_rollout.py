@@ -145,7 +145,7 @@ async def measure(args: argparse.Namespace, grouped_kernels: bool) -> tuple[Resu
         adapter_dir = write_adapter(base, checkpoint_dir(root, "bench", "rollout", 1), seed=1, scale=0.05)
         worker = InferenceWorker(redis_url=redis_url, base_model=base, checkpoint_root=root,
                                  log_path=tmp / "inference.log",
-                                 settings={**STACK_SETTINGS, "--grouped-lora" if grouped_kernels else "--no-grouped-lora": None})
+                                 settings={**server_settings(args), "--grouped-lora" if grouped_kernels else "--no-grouped-lora": None})
         try:
             started = time.perf_counter()
             await worker.wait_models({str(base)}, timeout=args.startup_timeout)
@@ -168,10 +168,15 @@ async def measure(args: argparse.Namespace, grouped_kernels: bool) -> tuple[Resu
     return results, startup
 
 
+def server_settings(args: argparse.Namespace) -> dict[str, str | None]:
+    """The stack's settings; the tiny model has only 2,048 positions."""
+    return {**STACK_SETTINGS, "--max-model-len": "512"} if args.model == "tiny" else dict(STACK_SETTINGS)
+
+
 def report(args: argparse.Namespace, kernels: str, results: Results, startup: float) -> dict[Workload, float]:
     """Print one run's table; return the adapter's share of the base model's tokens/s per workload."""
     print(f"\n{kernels} LoRA kernels: model {args.model}, vLLM CPU via the inference worker (started in "
-          f"{startup:.0f} s), base and adapter on the same server ({' '.join(f'{k} {v}' for k, v in STACK_SETTINGS.items())}); "
+          f"{startup:.0f} s), base and adapter on the same server ({' '.join(f'{k} {v}' for k, v in server_settings(args).items())}); "
           f"{args.rounds} rounds, ignore_eos")
     rows, shares = [], {}
     for work in workloads(args):
