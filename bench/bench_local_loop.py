@@ -19,26 +19,17 @@ saturates, steps train less, and would favour whichever loop learned faster.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import random
 import sys
 import tempfile
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
+import _common  # noqa: F401 - puts the repository root on sys.path, for tests.support
+
+from tests.support.examples import load_example
 from trainer_worker.settings import CPU_MICROBATCH_TOKENS
-
-
-def load_example() -> object:
-    path = Path(__file__).resolve().parent.parent / "examples" / "yes_no_maybe.py"
-    spec = importlib.util.spec_from_file_location("bench_yes_no_maybe", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def sample_group(trainer, example, prompt: str, group_size: int, max_tokens: int, temperature: float, step: int):
@@ -90,7 +81,7 @@ def sample_group(trainer, example, prompt: str, group_size: int, max_tokens: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    example = load_example()
+    example = load_example("yes_no_maybe")
     defaults = example.Config()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=5)

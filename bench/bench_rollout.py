@@ -13,7 +13,8 @@ Two workloads, the batches of the two targets interleaved round by round:
 ``decode`` sends chat completions (logprobs on, as rollouts ask) of
 ``max_tokens`` each with ``ignore_eos`` (every answer is exactly that long)
 to a short prompt at concurrency 1 and 8; ``prefill`` is a demo step, 32
-requests at once, 8 of each of 4 ~100-token prompts, with 3-token answers
+requests at once, 8 of each of 4 ~100-token prompts (the demo's own few-shot
+prompt, examples/yes_no_maybe.py, with a new question), with 3-token answers
 (new prompt text every batch, so no batch reuses another's prefix cache). Columns:
 completion tokens/s of the batch (median and the slowest round), per-request
 latency median and p99, and the adapter's throughput as a share of the base
@@ -48,6 +49,7 @@ from inference_worker.settings import InferenceSettings
 from producer.local_backend import CPU_INFERENCE_DEFAULTS
 from tests.integration.inference.adapters import checkpoint_dir, write_adapter
 from tests.integration.inference.worker import API_KEY, InferenceWorker, publish_checkpoint
+from tests.support.examples import load_example
 from tests.support.services import run_redis
 
 TARGET_GAP = 0.10
@@ -58,14 +60,8 @@ STACK_SETTINGS = {
     "--max-lora-rank": str(InferenceSettings.model_fields["max_lora_rank"].default),
 }
 PROMPT = "Write a short story about an agent that plays a number guessing game, one turn at a time."
-# A demo step: 4 prompts of ~100 tokens (rules and two worked turns) x 8 samples, a few-token answer, all at once.
-FEW_SHOT = [
-    {"role": "system", "content": "You answer with exactly one word: yes, no, or maybe. Never explain."},
-    {"role": "user", "content": "Is water wet? Respond with yes, no, or maybe."},
-    {"role": "assistant", "content": "no"},
-    {"role": "user", "content": "Will it snow in July where you live? Answer only maybe, no or yes."},
-    {"role": "assistant", "content": "maybe"},
-]
+# A demo step: 4 prompts x 8 samples of the demo's own few-shot prompt (~90 tokens), a few-token answer, all at once.
+DEMO = load_example("yes_no_maybe")
 _batches = itertools.count()
 
 
@@ -84,7 +80,8 @@ class Workload:
             return [[{"role": "user", "content": PROMPT}]]
         batch = next(_batches)
         return [
-            [*FEW_SHOT, {"role": "user", "content": f"Question {batch}.{i}: is {i + batch} even? Reply with one word: yes, no, or maybe."}]
+            [{"role": "system", "content": DEMO.SYSTEM_PROMPT}, *DEMO.FEW_SHOT,
+             {"role": "user", "content": f"Question {batch}.{i}: is {i + batch} even? Reply with one word: yes, no, or maybe."}]
             for i in range(self.distinct_prompts)
         ]
 

@@ -2,29 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import re
-import sys
-from pathlib import Path
-from types import ModuleType
 
 import pytest
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+from tests.support.examples import load_example
 
-
-def load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-yes_no_maybe = load("yes_no_maybe")
-guess_number = load("guess_number")
+yes_no_maybe = load_example("yes_no_maybe")
+guess_number = load_example("guess_number")
 
 
 @pytest.mark.parametrize(
