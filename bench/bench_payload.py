@@ -5,7 +5,8 @@
 
 The payload is what ``backend.train`` puts under ``trainq:job:{id}:payload``:
 a ``list[TrajectoryGroup]`` whose trajectories hold a system and a user
-message and one sampled ``Choice`` (token ids, logprobs, the text). Each codec
+message and one sampled ``Choice`` (token ids, logprobs, the text), encoded by
+``producer.types.encode_groups`` (logprobs packed as float32). Each codec
 encodes it and decodes it back; the table gives the bytes, throughput (MB/s of
 that codec's own bytes), the median and p99 of encode+decode, and the time
 against json's. Targets (bench/README.md): msgspec encode+decode at least 10x
@@ -22,6 +23,7 @@ for the like-for-like cost.
 from __future__ import annotations
 
 import argparse
+import array
 import gc
 import json
 import pickle
@@ -36,7 +38,7 @@ from typing import Any
 import msgspec
 from _common import machine_line, percentile
 
-from producer.types import Choice, ChoiceMessage, ExceptionInfo, Trajectory, TrajectoryGroup
+from producer.types import Choice, ChoiceMessage, ExceptionInfo, Trajectory, TrajectoryGroup, encode_groups
 
 GroupList = list[TrajectoryGroup]
 
@@ -63,8 +65,9 @@ def build_payload(n_groups: int, n_trajectories: int, n_tokens: int, seed: int =
         for _ in range(n_trajectories):
             choice = Choice(
                 token_ids=[rng.randrange(VOCAB_SIZE) for _ in range(n_tokens)],
-                # Sampled tokens are mostly likely ones: logprobs cluster near 0.
-                logprobs=[-rng.expovariate(2.0) for _ in range(n_tokens)],
+                # Sampled tokens are mostly likely ones: logprobs cluster near 0. vLLM
+                # computes them in float32, so they are float32 values, as here.
+                logprobs=array.array("f", [-rng.expovariate(2.0) for _ in range(n_tokens)]).tolist(),
                 # About four characters per token.
                 message=ChoiceMessage(content=" ".join(rng.choices(WORDS, k=n_tokens * 4 // 5))),
                 finish_reason="stop",
@@ -148,12 +151,15 @@ def build_codecs() -> list[Codec]:
         return msgspec.convert(json.loads(data), GroupList)
 
     return [
-        # What producers and workers use: one Encoder and one typed Decoder, made once and reused.
-        Codec("msgspec msgpack, typed", encoder.encode, decoder.decode),
+        # What producers and workers use: encode_groups (logprobs packed as float32) and
+        # one typed Decoder, made once and reused.
+        Codec("msgspec msgpack, typed", encode_groups, decoder.decode),
+        # The same records with logprobs as msgpack doubles, as before encode_groups.
+        Codec("msgspec, float64 logprobs (before)", encoder.encode, decoder.decode),
         # The one-call form, schema-checked too: shows what reusing a Decoder saves.
         Codec(
             "msgspec msgpack, typed, one-call",
-            msgspec.msgpack.encode,
+            encode_groups,
             lambda data: msgspec.msgpack.decode(data, type=GroupList),
         ),
         Codec(
@@ -278,7 +284,7 @@ def print_verdict(results: list[Result], groups: GroupList) -> None:
     by_name = {r.name: r for r in results}
     json_s = statistics.median(by_name["json (stdlib) on to_builtins"].roundtrip_s)
     print()
-    for name in ("msgspec msgpack, typed", "msgspec, map records (before)"):
+    for name in ("msgspec msgpack, typed", "msgspec, float64 logprobs (before)", "msgspec, map records (before)"):
         r = by_name[name]
         speedup = json_s / statistics.median(r.roundtrip_s)
         print(f"{name}:")

@@ -46,7 +46,7 @@ from _common import machine_line, median, percentile, print_table, verdict  # no
 import msgspec  # noqa: E402
 
 from producer import QueueBackend, TrainableModel  # noqa: E402
-from producer.types import ModelRef, TrainConfig, TrajectoryGroup, validate_groups  # noqa: E402
+from producer.types import ModelRef, TrainConfig, TrajectoryGroup, encode_groups, validate_groups  # noqa: E402
 from tests.support.groups import make_group  # noqa: E402
 from tests.support.services import run_redis, start_trainer_worker  # noqa: E402
 
@@ -74,7 +74,7 @@ class Samples:
 
 def build_groups(target_mb: float, signal: bool) -> list[TrajectoryGroup]:
     """Groups of 8 trajectories whose msgpack is about ``target_mb`` MB; equal rewards when not ``signal``."""
-    probe = len(msgspec.msgpack.encode([make_group(GROUP_SIZE, TOKENS_PER_TRAJECTORY)]))
+    probe = len(encode_groups([make_group(GROUP_SIZE, TOKENS_PER_TRAJECTORY)]))
     n_groups = max(1, round(target_mb * 1e6 / probe))
     tokens = max(8, round(TOKENS_PER_TRAJECTORY * target_mb * 1e6 / (n_groups * probe)))
     rewards = None if signal else [1.0] * GROUP_SIZE
@@ -86,14 +86,13 @@ def hop_breakdown(groups: list[TrajectoryGroup], redis_url: str, reps: int) -> d
     import redis
 
     client = redis.Redis.from_url(redis_url)
-    encoder = msgspec.msgpack.Encoder()
     decoder = msgspec.msgpack.Decoder(list[TrajectoryGroup])
     times: dict[str, list[float]] = {k: [] for k in ("validate", "encode", "set", "get", "decode")}
     for _ in range(reps):
         t0 = time.perf_counter()
         validate_groups(groups)
         t1 = time.perf_counter()
-        payload = encoder.encode(groups)
+        payload = encode_groups(groups)
         t2 = time.perf_counter()
         client.set("trainq:bench:payload", payload, ex=60)
         t3 = time.perf_counter()
@@ -135,7 +134,7 @@ async def main_async(args: argparse.Namespace) -> None:
                 rows, results, tokens_of = [], {}, {}
                 for size_mb, kind, reps in plan:
                     groups = build_groups(size_mb, signal=kind == "train")
-                    n_bytes = len(msgspec.msgpack.encode(groups))
+                    n_bytes = len(encode_groups(groups))
                     n_tokens = sum(len(c.token_ids) for g in groups for t in g.trajectories for c in t.choices())
                     samples = await measure(backend, model, trainer, ref, groups, reps)
                     results[(size_mb, kind)] = (samples, groups, n_bytes)

@@ -24,6 +24,7 @@ from producer.types import (
     TrainConfig,
     TrainRequest,
     TrajectoryGroup,
+    encode_groups,
     validate_groups,
 )
 
@@ -39,7 +40,6 @@ __all__ = ["QueueBackend"]
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_PAYLOAD_BYTES = 256 * 1024 * 1024
-_groups_encoder = msgspec.msgpack.Encoder()
 
 
 class QueueBackend(Backend):
@@ -96,7 +96,7 @@ class QueueBackend(Backend):
         config = build_config(options)
         validate_groups(groups, allow_missing_logprobs=config.allow_training_without_logprobs)
         await self._prepare(model)
-        payload = _groups_encoder.encode(groups)
+        payload = encode_groups(groups)
         if len(payload) > self.max_payload_bytes:
             raise PayloadTooLargeError(
                 f"the encoded groups are {len(payload):,} bytes, over max_payload_bytes={self.max_payload_bytes:,}; "

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from producer import keys
-from producer.types import ModelRef, TrainConfig, TrainRequest, validate_groups
+from producer.types import ModelRef, TrainConfig, TrainRequest, encode_groups, validate_groups
 from tests.support.groups import make_groups
 from trainer_worker.jobs import JobRejected, decode_groups, decode_request
 
@@ -37,7 +37,9 @@ VALID_REQUEST = msgspec.msgpack.encode(
         keep_steps=[1, 2],
     )
 )
-VALID_GROUPS = msgspec.msgpack.encode(make_groups(2, n_trajectories=2, n_tokens=4))
+# As producers send them (logprobs packed as float32), and as older producers did (a float list).
+VALID_GROUPS = encode_groups(make_groups(2, n_trajectories=2, n_tokens=4))
+FLOAT_LIST_GROUPS = msgspec.msgpack.encode(make_groups(2, n_trajectories=2, n_tokens=4))
 
 FUZZ = settings(
     max_examples=1500,
@@ -164,6 +166,7 @@ def _groups_verdict(raw: bytes) -> str | None:
 def test_the_valid_payloads_decode() -> None:
     assert _request_verdict(VALID_REQUEST) is None
     assert _groups_verdict(VALID_GROUPS) is None
+    assert _groups_verdict(FLOAT_LIST_GROUPS) is None
 
 
 @FUZZ
