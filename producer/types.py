@@ -417,10 +417,26 @@ def _validate_trajectory(trajectory: Trajectory, where: str, allow_missing_logpr
         if isinstance(item, Choice):
             n_choices += 1
             _validate_choice(item, at, allow_missing_logprobs)
-        elif not isinstance(role := item.get("role"), str) or role not in _MESSAGE_ROLES:
-            raise ValueError(f"{at}.role: must be one of {sorted(_MESSAGE_ROLES)}, got {role!r}")
+        else:
+            _validate_message(item, at)
     if n_choices == 0:
         raise ValueError(f"{where}.messages_and_choices: no sampled Choice to train on")
+
+
+def _validate_message(message: dict[str, Any], at: str) -> None:
+    if not isinstance(role := message.get("role"), str) or role not in _MESSAGE_ROLES:
+        raise ValueError(f"{at}.role: must be one of {sorted(_MESSAGE_ROLES)}, got {role!r}")
+    # Chat templates concatenate content as text (or iterate content parts): anything
+    # else would fail inside the worker's template with an error that names nothing.
+    content = message.get("content")
+    if not (content is None or isinstance(content, str) or _is_content_parts(content)):
+        raise ValueError(
+            f"{at}.content: must be a string, a list of content part dicts or None, got {type(content).__name__}"
+        )
+
+
+def _is_content_parts(content: object) -> bool:
+    return isinstance(content, list) and all(isinstance(part, dict) for part in content)
 
 
 def _validate_choice(choice: Choice, at: str, allow_missing_logprobs: bool) -> None:

@@ -5,7 +5,6 @@ Also: a producer that vanishes after submitting can collect its result later, by
 
 from __future__ import annotations
 
-import asyncio
 import os
 import random
 import subprocess
@@ -20,7 +19,7 @@ import redis
 
 from producer import JobFailedError, JobStatus, PayloadTooLargeError, QueueBackend, TrainableModel, keys
 from producer.queue import build_celery_app
-from producer.types import ModelRef, TrainRequest
+from producer.types import ModelRef, TrainRequest, encode_groups
 from tests.chaos.conftest import RedisServer
 from tests.support.groups import make_group, make_groups
 from tests.support.services import WorkerProcess, child_env, start_trainer_worker
@@ -220,7 +219,7 @@ async def test_a_batch_of_mutated_jobs_through_the_worker_each_ends_cleanly_and_
     rng = random.Random(6)
     queue = keys.queue_name(worker.base_model)
     ref = ModelRef(project=model.project, name=model.name, base_model=model.base_model)
-    valid_groups = msgspec.msgpack.encode([make_group(n_trajectories=2, n_tokens=4)])
+    valid_groups = encode_groups([make_group(n_trajectories=2, n_tokens=4)])
     job_ids = []
     for i in range(40):
         job_id = os.urandom(16).hex()

@@ -20,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from jinja2 import TemplateError
+
 from producer.types import Choice, Trajectory
 
 __all__ = ["TokenizedTrajectory", "choice_as_message", "tokenize_trajectory"]
@@ -133,9 +135,15 @@ class _Renderer:
     def text(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool) -> str:
         if not messages and not add_generation_prompt:
             return ""
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt, **self.kwargs
-        )
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt, **self.kwargs
+            )
+        except (TemplateError, TypeError, ValueError, LookupError, AttributeError) as exc:
+            # The template runs over the job's messages: what it fails on is the job's input.
+            raise ValueError(
+                f"messages_and_choices: the chat template could not render the messages: {type(exc).__name__}: {exc}"
+            ) from exc
 
     def encode(self, text: str) -> list[int]:
         if not text:

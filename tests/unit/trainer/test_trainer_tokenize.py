@@ -127,3 +127,10 @@ def test_sequence_longer_than_the_model_is_rejected(tokenizer):
     trajectory = Trajectory([{"role": "user", "content": "hi"}, Choice(token_ids=[5] * 50, logprobs=[-1.0] * 50)])
     with pytest.raises(ValueError, match="longer|more than the model's 32 positions"):
         tokenize_trajectory(trajectory, tokenizer, max_length=32)
+
+
+def test_a_message_the_template_cannot_render_is_a_value_error_saying_so(tokenizer):
+    # Content a template cannot concatenate (validate_groups refuses it earlier on the producer side).
+    trajectory = Trajectory([{"role": "user", "content": {"text": "hi"}}, sampled(tokenizer, "yes")])
+    with pytest.raises(ValueError, match="chat template could not render the messages: TypeError"):
+        tokenize_trajectory(trajectory, tokenizer)
