@@ -194,25 +194,37 @@ def encode_groups(groups: list[TrajectoryGroup]) -> bytes:
     """The msgpack of a train job's groups, with every choice's logprobs packed as float32.
 
     The caller's records are left as they are: what the encoder sees are
-    shallow copies holding the packed bytes (~1 ms a 1 MB job).
+    shallow copies holding the packed bytes (~1 ms a 1 MB job). A logprob
+    beyond float32's range is a ``ValueError`` naming it.
     """
-    return _groups_encoder.encode([_with_packed_logprobs(group) for group in groups])
+    return _groups_encoder.encode([_with_packed_logprobs(group, g) for g, group in enumerate(groups)])
 
 
-def _with_packed_logprobs(group: TrajectoryGroup) -> TrajectoryGroup:
+def _with_packed_logprobs(group: TrajectoryGroup, g: int) -> TrajectoryGroup:
     trajectories = [
-        msgspec.structs.replace(t, messages_and_choices=[_packed(item) for item in t.messages_and_choices])
-        for t in group.trajectories
+        msgspec.structs.replace(
+            trajectory,
+            messages_and_choices=[
+                _packed(item, g, t, i) for i, item in enumerate(trajectory.messages_and_choices)
+            ],
+        )
+        for t, trajectory in enumerate(group.trajectories)
     ]
     return msgspec.structs.replace(group, trajectories=trajectories)
 
 
-def _packed(item: MessageOrChoice) -> MessageOrChoice:
+def _packed(item: MessageOrChoice, g: int, t: int, i: int) -> MessageOrChoice:
     if type(item) is not Choice or type(item.logprobs) is bytes:
         return item
     # copy.copy, not structs.replace: replace runs __post_init__, which would unpack again.
     packed = copy.copy(item)
-    packed.logprobs = _pack_float32(item.logprobs)
+    try:
+        packed.logprobs = _pack_float32(item.logprobs)
+    except (OverflowError, struct.error) as exc:
+        raise ValueError(
+            f"groups[{g}].trajectories[{t}].messages_and_choices[{i}].logprobs: "
+            f"cannot be sent as float32 ({exc})"
+        ) from None
     return packed
 
 
@@ -389,7 +401,6 @@ class CheckpointEvent(msgspec.Struct, kw_only=True, frozen=True):
 
 # --------------------------------------------------------------------- validation
 
-_LOWEST_FLOAT32 = -3.4028234663852886e38
 _MESSAGE_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 
 
@@ -452,10 +463,8 @@ def _validate_choice(choice: Choice, at: str, allow_missing_logprobs: bool) -> N
             "they must be of equal length"
             + ("" if choice.logprobs else " (pass allow_training_without_logprobs=True to train without them)")
         )
-    # min(), max() and sum() loop in C, ~10x a generator over a million logprobs. A
-    # sum of values <= 0 is finite when each one is: NaN and infinities propagate.
-    # Logprobs travel as float32, so a finite double below its range is refused
-    # here rather than becoming -inf on the worker.
-    logprobs = choice.logprobs
-    if not (max(logprobs) <= 0.0 and min(logprobs) >= _LOWEST_FLOAT32 and math.isfinite(sum(logprobs))):
-        raise ValueError(f"{at}.logprobs: every logprob must be finite, <= 0 and >= {_LOWEST_FLOAT32:.4g} (float32)")
+    # max() and sum() loop in C, ~10x a generator over a million logprobs. A sum of
+    # values <= 0 is finite exactly when each one is: NaN and infinities propagate.
+    # (A finite double beyond float32's range is refused by encode_groups.)
+    if not (max(choice.logprobs) <= 0.0 and math.isfinite(sum(choice.logprobs))):
+        raise ValueError(f"{at}.logprobs: every logprob must be finite and <= 0")

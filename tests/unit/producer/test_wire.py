@@ -88,3 +88,11 @@ def test_packed_logprobs_of_a_broken_length_are_refused_naming_where() -> None:
     with pytest.raises(ValueError, match=r"multiple of 4 bytes, got 7.*\$\[0\]\[0\]\[0\]\[0\]\[2\]"):
         decode_groups(msgspec.msgpack.encode(tree))
 
+
+
+def test_a_logprob_beyond_float32_is_refused_naming_it() -> None:
+    groups = make_groups(2, n_trajectories=2, n_tokens=3)
+    groups[1].trajectories[1].messages_and_choices[-1].logprobs[1] = -1e39  # finite as a double only
+
+    with pytest.raises(ValueError, match=r"groups\[1\]\.trajectories\[1\]\.messages_and_choices\[2\]\.logprobs: cannot be sent as float32"):
+        encode_groups(groups)
