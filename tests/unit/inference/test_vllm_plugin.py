@@ -83,6 +83,11 @@ def test_register_swaps_the_cpu_kernels_only_for_the_workers_vllm_and_when_asked
             for op in ("shrink", "expand", "expand_slice"):
                 name = f"{kind}_{op}"
                 monkeypatch.setattr(module, name, getattr(module, name))  # restored after the test
+    wrapper_cls = punica_cpu.PunicaWrapperCPU
+    vllm_add_lora_linear = wrapper_cls.add_lora_linear
+    monkeypatch.setattr(wrapper_cls, "add_lora_linear", vllm_add_lora_linear)
+    monkeypatch.setattr(wrapper_cls, "_trainq_vllm_add_lora_linear", None, raising=False)
+    monkeypatch.delenv(vllm_plugin.FUSED_LORA_FLAG, raising=False)
     monkeypatch.setenv(vllm_plugin.GROUPED_LORA_FLAG, "1")
     monkeypatch.delenv(vllm_plugin.ENABLE_FLAG, raising=False)
     vllm_plugin.register()  # not a vLLM the inference worker started
@@ -100,16 +105,178 @@ def test_register_swaps_the_cpu_kernels_only_for_the_workers_vllm_and_when_asked
     assert lora_ops.bgmv_expand_slice is vllm_plugin.bgmv_expand_slice
     # The sequence variants go through the swapped per-token ones.
     assert punica_cpu.sgmv_expand_slice is lora_ops.sgmv_expand_slice
+    assert wrapper_cls.add_lora_linear is vllm_plugin.fused_add_lora_linear
+    assert wrapper_cls._trainq_vllm_add_lora_linear is vllm_add_lora_linear
+    vllm_plugin.register()  # twice in one process: vLLM's method stays the one to fall back on
+    assert wrapper_cls._trainq_vllm_add_lora_linear is vllm_add_lora_linear
+
+
+def test_register_keeps_vllms_add_lora_linear_for_the_ab_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    punica_cpu = pytest.importorskip("vllm.lora.punica_wrapper.punica_cpu")
+    for module in (lora_ops, punica_cpu):
+        for name in ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice"):
+            monkeypatch.setattr(module, name, getattr(module, name))
+    vllm_add_lora_linear = punica_cpu.PunicaWrapperCPU.add_lora_linear
+    monkeypatch.setattr(punica_cpu.PunicaWrapperCPU, "add_lora_linear", vllm_add_lora_linear)
+    monkeypatch.setenv(vllm_plugin.ENABLE_FLAG, "1")
+    monkeypatch.setenv(vllm_plugin.GROUPED_LORA_FLAG, "1")
+    monkeypatch.setenv(vllm_plugin.FUSED_LORA_FLAG, "0")
+    vllm_plugin.register()
+    assert punica_cpu.bgmv_shrink is vllm_plugin.bgmv_shrink
+    assert punica_cpu.PunicaWrapperCPU.add_lora_linear is vllm_add_lora_linear
 
 
 @pytest.mark.parametrize("grouped_lora", [True, False])
-def test_the_supervisor_tells_vllm_which_kernels_to_use(grouped_lora: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("fused_lora", [True, False])
+def test_the_supervisor_tells_vllm_which_kernels_to_use(grouped_lora: bool, fused_lora: bool,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     from inference_worker.settings import InferenceSettings
     from inference_worker.supervisor import vllm_env
 
     monkeypatch.setenv(vllm_plugin.GROUPED_LORA_FLAG, "1")  # a stale value in the worker's environment is overridden
+    monkeypatch.setenv(vllm_plugin.FUSED_LORA_FLAG, "1")
     settings = InferenceSettings(redis_url="redis://127.0.0.1:1/0", base_model="m", checkpoint_root="/tmp",
-                                 grouped_lora=grouped_lora)
+                                 grouped_lora=grouped_lora, fused_lora=fused_lora)
     env = vllm_env(settings)
     assert env[vllm_plugin.ENABLE_FLAG] == "1"
     assert env[vllm_plugin.GROUPED_LORA_FLAG] == ("1" if grouped_lora else "0")
+    assert env[vllm_plugin.FUSED_LORA_FLAG] == ("1" if fused_lora else "0")
+
+
+# --- one shrink and one expand per layer, against vLLM's PunicaWrapperCPU.add_lora_linear on the same wrapper ---
+
+MAX_LORAS, MAX_RANK, HIDDEN = 4, 16, 64
+LAYOUTS = {"qkv": (HIDDEN, 16, 16), "gate_up": (96, 96), "o": (HIDDEN,)}
+# Rows per LoRA id (0: the base model, no adapter), as vLLM's token mapping gives them for a batch.
+MAPPINGS = {
+    "one adapter": (1,) * 9,
+    "single token": (2,),
+    "mixed": (1, 1, 1, 0, 0, 3, 3, 1, 1, 0, 2, 2, 2, 1),  # adapter 1 in two runs, base rows between
+    "base only": (0,) * 5,
+}
+LORA_IDS = [1, 2, 3, None]  # slot -> adapter id; the last slot is free, as -1 rows would read it in vLLM's gather
+
+
+def _wrapper(token_ids: tuple[int, ...], lora_index_to_id: list[int | None] = LORA_IDS):  # type: ignore[no-untyped-def]
+    punica_cpu = pytest.importorskip("vllm.lora.punica_wrapper.punica_cpu")
+    wrapper = punica_cpu.PunicaWrapperCPU(max_num_batched_tokens=64, max_batches=16, device="cpu")
+    # The fused method's fallback, as register() leaves it on the class.
+    wrapper._trainq_vllm_add_lora_linear = punica_cpu.PunicaWrapperCPU.add_lora_linear.__get__(wrapper)
+    _set_mapping(wrapper, token_ids, lora_index_to_id)
+    return wrapper
+
+
+def _set_mapping(wrapper, token_ids: tuple[int, ...], lora_index_to_id: list[int | None] = LORA_IDS) -> None:  # type: ignore[no-untyped-def]
+    from vllm.lora.layers import LoRAMapping
+
+    # vLLM v1 marks every CPU batch as prefill (v1/worker/lora_model_runner_mixin.py), as here.
+    wrapper.update_metadata(LoRAMapping(token_ids, token_ids, is_prefill=True), lora_index_to_id, MAX_LORAS, 32000)
+
+
+def _stacked(slices: tuple[int, ...], rank: int = 8) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """vLLM's stacked layout, adapters of ``rank`` in slots 0-2 (zero-padded to MAX_RANK), the last slot zero."""
+    a = tuple(torch.zeros(MAX_LORAS, 1, MAX_RANK, HIDDEN, dtype=torch.bfloat16) for _ in slices)
+    b = tuple(torch.zeros(MAX_LORAS, 1, out, MAX_RANK, dtype=torch.bfloat16) for out in slices)
+    for slot in range(MAX_LORAS - 1):
+        for a_slice, b_slice in zip(a, b):
+            a_slice[slot, 0, :rank].copy_(torch.randn(rank, HIDDEN) / 8)
+            b_slice[slot, 0, :, :rank].copy_(torch.randn(b_slice.shape[2], rank))
+    return a, b
+
+
+def _both(wrapper, a, b, slices, x, y):  # type: ignore[no-untyped-def]
+    """(vLLM's result, ours) on copies of ``y``."""
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    expected, got = y.clone(), y.clone()
+    vllm_add = PunicaWrapperCPU.__dict__.get("_trainq_vllm_add_lora_linear") or PunicaWrapperCPU.add_lora_linear
+    vllm_add(wrapper, expected, x, a, b, 1.0, slices)
+    vllm_plugin.fused_add_lora_linear(wrapper, got, x, a, b, 1.0, slices)
+    return expected, got
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("mapping", list(MAPPINGS))
+def test_fused_add_lora_linear_matches_vllm(layout: str, mapping: str) -> None:
+    torch.manual_seed(3)
+    slices = LAYOUTS[layout]
+    token_ids = MAPPINGS[mapping]
+    wrapper = _wrapper(token_ids)
+    a, b = _stacked(slices)
+    x = torch.randn(len(token_ids), HIDDEN, dtype=torch.bfloat16)
+    y = torch.randn(len(token_ids), sum(slices), dtype=torch.bfloat16)
+    expected, got = _both(wrapper, a, b, slices, x, y)
+    torch.testing.assert_close(got, expected)
+    if mapping != "base only":
+        assert not torch.equal(got, y)  # the adapter did something
+
+
+def test_fused_add_lora_linear_follows_new_adapter_weights_and_new_batches() -> None:
+    """Cached fused weights and row groups are rebuilt when vLLM writes a slot or a new mapping in place."""
+    torch.manual_seed(4)
+    slices = LAYOUTS["qkv"]
+    wrapper = _wrapper(MAPPINGS["mixed"])
+    a, b = _stacked(slices)
+    x = torch.randn(len(MAPPINGS["mixed"]), HIDDEN, dtype=torch.bfloat16)
+    y = torch.zeros(x.shape[0], sum(slices), dtype=torch.bfloat16)
+    _both(wrapper, a, b, slices, x, y)  # fills the caches
+    for a_slice, b_slice in zip(a, b):  # a new adapter in slot 0, as set_lora writes it
+        a_slice[0] = 0
+        a_slice[0, 0, :4].copy_(torch.randn(4, HIDDEN))
+        b_slice[0, 0, :, :4].copy_(torch.randn(b_slice.shape[2], 4))
+    expected, got = _both(wrapper, a, b, slices, x, y)
+    torch.testing.assert_close(got, expected)
+
+    token_ids = (3, 3, 2, 1, 0, 1, 3, 3, 3, 0, 2, 1, 1, 1)  # as many rows as before, other adapters
+    _set_mapping(wrapper, token_ids)
+    x = torch.randn(len(token_ids), HIDDEN, dtype=torch.bfloat16)
+    y = torch.zeros(len(token_ids), sum(slices), dtype=torch.bfloat16)
+    expected, got = _both(wrapper, a, b, slices, x, y)
+    torch.testing.assert_close(got, expected)
+
+
+def test_fused_add_lora_linear_leaves_rows_without_an_adapter_alone() -> None:
+    """Index -1 is "no adapter", even when the last slot holds one (vLLM-CPU's gather would read that slot)."""
+    torch.manual_seed(5)
+    slices = LAYOUTS["gate_up"]
+    token_ids = (4, 4, 0, 0, 4)
+    wrapper = _wrapper(token_ids, lora_index_to_id=[1, 2, 3, 4])
+    a, b = _stacked(slices)
+    for a_slice, b_slice in zip(a, b):
+        a_slice[MAX_LORAS - 1].copy_(a_slice[0])
+        b_slice[MAX_LORAS - 1].copy_(b_slice[0])
+    x = torch.randn(len(token_ids), HIDDEN, dtype=torch.bfloat16)
+    y = torch.randn(len(token_ids), sum(slices), dtype=torch.bfloat16)
+    expected, got = _both(wrapper, a, b, slices, x, y)
+    base_rows = torch.tensor([2, 3])
+    torch.testing.assert_close(got[base_rows], y[base_rows], rtol=0, atol=0)
+    adapter_rows = torch.tensor([0, 1, 4])
+    torch.testing.assert_close(got[adapter_rows], expected[adapter_rows])
+    assert not torch.equal(expected[base_rows], y[base_rows])  # what vLLM-CPU's own path does to them
+
+
+def test_fused_add_lora_linear_hands_other_layouts_to_vllm() -> None:
+    """A caller's buffer goes to vLLM's method, which fills it; so does a weight layout we do not fuse."""
+    torch.manual_seed(6)
+    slices = LAYOUTS["o"]
+    wrapper = _wrapper(MAPPINGS["one adapter"])
+    a, b = _stacked(slices)
+    x = torch.randn(9, HIDDEN, dtype=torch.bfloat16)
+    y = torch.zeros(9, sum(slices), dtype=torch.bfloat16)
+    buffer = (torch.zeros(9, MAX_RANK),)
+    vllm_plugin.fused_add_lora_linear(wrapper, y.clone(), x, a, b, 1.0, slices, buffer=buffer)
+    assert buffer[0].abs().sum() > 0
+    three_d = tuple(t.squeeze(1) for t in a), tuple(t.squeeze(1) for t in b)
+    got = y.clone()
+    vllm_plugin.fused_add_lora_linear(wrapper, got, x, *three_d, 1.0, slices)
+    assert not torch.equal(got, y) and "_trainq_fused" not in vars(wrapper)
+
+
+def test_row_groups() -> None:
+    indices = torch.tensor([0, 0, -1, 2, 2, 0, -1, -1, 1])
+    groups = dict(vllm_plugin.row_groups(indices))
+    assert set(groups) == {0, 1, 2}
+    assert groups[0].tolist() == [0, 1, 5]
+    assert groups[2] == slice(3, 5) and groups[1] == slice(8, 9)
+    assert vllm_plugin.row_groups(torch.full((4,), -1)) == []
+    assert vllm_plugin.row_groups(torch.zeros(0, dtype=torch.long)) == []
