@@ -201,9 +201,8 @@ def row_groups(indices: torch.Tensor) -> list[tuple[int, slice | torch.Tensor]]:
     return groups
 
 
-def _step_row_groups(wrapper: object) -> list[tuple[int, slice | torch.Tensor]]:
-    """``row_groups`` of the wrapper's current token indices, once per metadata update, not once per layer."""
-    indices = wrapper.token_lora_indices  # type: ignore[attr-defined]
+def _step_row_groups(wrapper: object, indices: torch.Tensor) -> list[tuple[int, slice | torch.Tensor]]:
+    """``row_groups`` of the wrapper's token indices, once per metadata update rather than once per layer."""
     if indices.is_inference():  # no version counter to key on
         return row_groups(indices)
     key = (indices._version, indices.data_ptr(), indices.numel())
@@ -215,38 +214,48 @@ def _step_row_groups(wrapper: object) -> list[tuple[int, slice | torch.Tensor]]:
 
 
 class _FusedLayer:
-    """One LoRA layer's slices, fused per adapter slot, valid while ``key`` (versions, storage) holds.
+    """One LoRA layer's slices, fused per adapter slot, valid while its tensors' version counters stay put.
 
-    Per slot ``s``: ``shrink`` is ``(in, n*r)``, every slice's ``A.T`` side by
-    side; ``expand`` is ``(n*r, sum(out))``, block-diagonal: rows
-    ``i*r:(i+1)*r`` hold slice ``i``'s ``B.T`` at that slice's output columns,
-    zeros elsewhere, so one matmul writes every slice where ``add_expand``
-    would and adds exact zeros to the others. Both float32 (the bf16 weights
-    cast exactly): on CPUs without AMX a float32 matmul of these shapes is
-    several times faster than a bfloat16 one. Slots are built on first use.
+    Per slot: ``shrink`` is ``(in, n*r)``, every slice's ``A.T`` side by side;
+    ``expand`` is ``(n*r, sum(out))``, block-diagonal: rows ``i*r:(i+1)*r``
+    hold slice ``i``'s ``B.T`` at that slice's output columns, zeros
+    elsewhere, so one matmul writes every slice where ``add_expand`` would and
+    adds exact zeros to the others. ``r`` is the slot's adapter rank, not
+    vLLM's padded ``max_lora_rank``: the padding's rows and columns are zero
+    and only add zeros. Both float32 (the bf16 weights cast exactly): on CPUs
+    without AMX a float32 matmul of these shapes is several times faster than
+    a bfloat16 one. Slots are built on first use.
     """
 
-    __slots__ = ("a", "b", "key", "slots")
+    __slots__ = ("a", "b", "slots", "tensors", "versions")
 
-    def __init__(self, a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...], key: tuple[object, ...]) -> None:
+    def __init__(self, a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> None:
         self.a = a  # held, so that the id the cache is keyed on cannot be reused while cached
         self.b = b
-        self.key = key
+        self.tensors = (*a, *b)
+        self.versions = [t._version for t in self.tensors]
         self.slots: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def current(self) -> bool:
+        """Whether no tensor of the layer was written since the slots were built (vLLM writes adapters in place)."""
+        return [t._version for t in self.tensors] == self.versions
 
     def weights(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(shrink, expand)`` of one slot."""
         if slot not in self.slots:
             import torch
 
-            a = [t[slot].reshape(t.shape[-2], t.shape[-1]) for t in self.a]  # (r, in) each
-            b = [t[slot].reshape(t.shape[-2], t.shape[-1]) for t in self.b]  # (out_i, r) each
-            rank = a[0].shape[0]
-            shrink = torch.cat(a, dim=0).to(torch.float32).T.contiguous()  # (in, n*r)
+            a = [t[slot, 0] for t in self.a]  # (max_rank, in) each
+            b = [t[slot, 0] for t in self.b]  # (out_i, max_rank) each
+            used = torch.zeros(a[0].shape[0], dtype=torch.bool)
+            for a_slice, b_slice in zip(a, b):
+                used |= (a_slice != 0).any(dim=1) | (b_slice != 0).any(dim=0)
+            rank = max(int(used.nonzero().max()) + 1 if used.any() else 0, 1)
+            shrink = torch.cat([t[:rank] for t in a], dim=0).to(torch.float32).T.contiguous()  # (in, n*rank)
             expand = shrink.new_zeros((len(b) * rank, sum(t.shape[0] for t in b)))
             offset = 0
             for i, b_slice in enumerate(b):
-                expand[i * rank : (i + 1) * rank, offset : offset + b_slice.shape[0]] = b_slice.T
+                expand[i * rank : (i + 1) * rank, offset : offset + b_slice.shape[0]] = b_slice[:, :rank].T
                 offset += b_slice.shape[0]
             self.slots[slot] = (shrink, expand)
         return self.slots[slot]
@@ -255,6 +264,10 @@ class _FusedLayer:
 def _fused_layer(wrapper: object, lora_a_stacked: tuple[torch.Tensor, ...], lora_b_stacked: tuple[torch.Tensor, ...],
                  output_slices: tuple[int, ...]) -> _FusedLayer | None:
     """The layer's fused weights, rebuilt when any of its tensors was written; None for a layout we do not fuse."""
+    cache: dict[int, _FusedLayer] = wrapper.__dict__.setdefault("_trainq_fused", {})
+    entry = cache.get(id(lora_a_stacked))
+    if entry is not None and entry.a is lora_a_stacked and entry.b is lora_b_stacked and entry.current():
+        return entry
     tensors = (*lora_a_stacked, *lora_b_stacked)
     n = len(lora_a_stacked)
     if not n or len(lora_b_stacked) != n or len(output_slices) != n or any(t.is_inference() for t in tensors):
@@ -265,11 +278,7 @@ def _fused_layer(wrapper: object, lora_a_stacked: tuple[torch.Tensor, ...], lora
         t.shape != (slots, 1, size, rank) for t, size in zip(lora_b_stacked, output_slices)
     ):
         return None
-    key = (*(t._version for t in tensors), *(t.data_ptr() for t in tensors))
-    cache: dict[int, _FusedLayer] = wrapper.__dict__.setdefault("_trainq_fused", {})
-    entry = cache.get(id(lora_a_stacked))
-    if entry is None or entry.a is not lora_a_stacked or entry.b is not lora_b_stacked or entry.key != key:
-        entry = cache[id(lora_a_stacked)] = _FusedLayer(lora_a_stacked, lora_b_stacked, key)
+    entry = cache[id(lora_a_stacked)] = _FusedLayer(lora_a_stacked, lora_b_stacked)
     return entry
 
 
@@ -298,9 +307,10 @@ def fused_add_lora_linear(
 
     x2 = x.view(-1, x.shape[-1])
     y2 = y.view(-1, y.shape[-1])
+    indices = self.token_lora_indices  # type: ignore[attr-defined]
     fused = None
-    if buffer is None and self.token_lora_indices.numel() == x2.shape[0]:  # type: ignore[attr-defined]
-        groups = _step_row_groups(self)
+    if buffer is None and indices.numel() == x2.shape[0]:
+        groups = _step_row_groups(self, indices)
         if not groups:  # no row has an adapter
             return
         fused = _fused_layer(self, lora_a_stacked, lora_b_stacked, output_slices)
@@ -309,17 +319,25 @@ def fused_add_lora_linear(
             y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer, **kwargs
         )
         return
-    target = y2[:, : sum(output_slices)]
+    width = sum(output_slices)
+    target = y2 if width == y2.shape[1] else y2[:, :width]
+    rows_total = x2.shape[0]
     for slot, rows in groups:
         shrink, expand = fused.weights(slot)
-        x_rows = x2[rows] if isinstance(rows, slice) else x2.index_select(0, rows)
+        if isinstance(rows, slice):
+            whole = rows.start == 0 and rows.stop == rows_total
+            x_rows = x2 if whole else x2[rows]
+        else:
+            x_rows = x2.index_select(0, rows)
         hidden = x_rows.to(torch.float32) @ shrink  # (rows, n*r), vLLM's float32 buffer
         if scale != 1.0:
             hidden.mul_(scale)
         if y2.dtype != torch.float32:  # vLLM's expand takes the buffer in y's dtype
             hidden = hidden.to(y2.dtype).to(torch.float32)
         delta = (hidden @ expand).to(y2.dtype)  # (rows, sum(out))
-        if isinstance(rows, slice):
-            target[rows] += delta
-        else:
+        if not isinstance(rows, slice):
             target.index_add_(0, rows, delta)
+        elif whole:
+            target += delta
+        else:
+            target[rows] += delta
