@@ -19,6 +19,12 @@ Celery producer. The breakdown times each payload hop on its own, in this
 process, against the same Redis: what the remainder (Celery delivery, claim,
 record, notify) is left with.
 
+The wire comparison sends the same groups, the content of a 1 MB job with
+logprobs as msgpack doubles (as trainq sent them before ``encode_groups``
+packed them as float32; the worker reads both), on each wire in turn, job by
+job: the float32 wire carries ~1.85x the tokens per MB of this payload, so
+its 1 MB row is a bigger job than the same row before the change.
+
 Targets: overhead under 25 ms median at 1 MB, and under 2% of the step time
 of the 10 MB train job. A real 10 MB step of the tiny model takes minutes on
 2 CPUs, so by default its time is the 1 MB train step scaled by tokens (a
@@ -36,6 +42,8 @@ import asyncio
 import os
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,7 +53,7 @@ from _common import machine_line, median, percentile, print_table, verdict  # no
 
 import msgspec  # noqa: E402
 
-from producer import QueueBackend, TrainableModel  # noqa: E402
+from producer import QueueBackend, TrainableModel, queue_backend  # noqa: E402
 from producer.types import ModelRef, TrainConfig, TrajectoryGroup, encode_groups, validate_groups  # noqa: E402
 from tests.support.groups import make_group  # noqa: E402
 from tests.support.services import run_redis, start_trainer_worker  # noqa: E402
@@ -58,6 +66,11 @@ TOKENS_PER_TRAJECTORY = 1000  # under the tiny model's 2,048 positions, with the
 BUDGET = 2048
 TARGET_1MB_MS = 25.0
 TARGET_10MB_FRACTION = 0.02
+
+Encode = Callable[[list[TrajectoryGroup]], bytes]
+# The wire before encode_groups packed logprobs as float32 (msgpack doubles); workers still read it.
+WIRES: dict[str, Encode] = {"float32": encode_groups, "float64": msgspec.msgpack.encode}
+HOPS = ("validate", "encode", "set", "get", "decode")
 
 
 @dataclass
@@ -72,33 +85,35 @@ class Samples:
         return [w - t for w, t in zip(self.wall, self.train_s)]
 
 
-def build_groups(target_mb: float, signal: bool) -> list[TrajectoryGroup]:
-    """Groups of 8 trajectories whose msgpack is about ``target_mb`` MB; equal rewards when not ``signal``."""
-    probe = len(encode_groups([make_group(GROUP_SIZE, TOKENS_PER_TRAJECTORY)]))
+def build_groups(target_mb: float, signal: bool, encode: Encode = encode_groups) -> list[TrajectoryGroup]:
+    """Groups of 8 trajectories whose ``encode`` is about ``target_mb`` MB; equal rewards when not ``signal``."""
+    probe = len(encode([make_group(GROUP_SIZE, TOKENS_PER_TRAJECTORY)]))
     n_groups = max(1, round(target_mb * 1e6 / probe))
     tokens = max(8, round(TOKENS_PER_TRAJECTORY * target_mb * 1e6 / (n_groups * probe)))
     rewards = None if signal else [1.0] * GROUP_SIZE
     return [make_group(GROUP_SIZE, tokens, seed=g, rewards=rewards) for g in range(n_groups)]
 
 
-def hop_breakdown(groups: list[TrajectoryGroup], redis_url: str, reps: int) -> dict[str, float]:
+def hop_breakdown(groups: list[TrajectoryGroup], redis_url: str, reps: int,
+                  encode: Encode = encode_groups) -> dict[str, float]:
     """Median seconds of each payload hop, run here against the same Redis."""
     import redis
 
+    from trainer_worker.jobs import decode_groups
+
     client = redis.Redis.from_url(redis_url)
-    decoder = msgspec.msgpack.Decoder(list[TrajectoryGroup])
-    times: dict[str, list[float]] = {k: [] for k in ("validate", "encode", "set", "get", "decode")}
+    times: dict[str, list[float]] = {k: [] for k in HOPS}
     for _ in range(reps):
         t0 = time.perf_counter()
         validate_groups(groups)
         t1 = time.perf_counter()
-        payload = encode_groups(groups)
+        payload = encode(groups)
         t2 = time.perf_counter()
         client.set("trainq:bench:payload", payload, ex=60)
         t3 = time.perf_counter()
         fetched = client.get("trainq:bench:payload")
         t4 = time.perf_counter()
-        decoder.decode(fetched)
+        decode_groups(fetched)
         t5 = time.perf_counter()
         for name, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
             times[name].append(dt)
@@ -145,6 +160,8 @@ async def main_async(args: argparse.Namespace) -> None:
                     size: hop_breakdown(results[(size, "no-signal")][1], redis_url, args.hop_reps)
                     for size in sorted({s for s, k, _ in plan if k == "no-signal"})
                 }
+                wire_rows = await compare_wires(backend, model, trainer, ref, redis_url,
+                                                3 if args.quick else 10, args.hop_reps)
         finally:
             worker.stop()
 
@@ -174,6 +191,10 @@ async def main_async(args: argparse.Namespace) -> None:
         ])
     print_table(["payload", "validate", "encode", "SET", "GET", "decode", "sum", "overhead",
                  "rest"], hop_rows)
+    print()
+    print("the same groups (the content of a 1 MB job with float64 logprobs) on each wire, interleaved job by job:")
+    print_table(["wire", "MB", "tokens", "n", "overhead ms", "p99 ms", "validate", "encode", "SET", "GET", "decode"],
+                wire_rows)
     print()
     one = results.get((1, "no-signal")) or results.get((1, "train"))
     if one:
@@ -206,6 +227,41 @@ async def measure(backend: QueueBackend, model: TrainableModel, trainer, ref: Mo
         await asyncio.to_thread(trainer.train, f"inproc-{time.time_ns()}", ref, config, groups)
         samples.inproc.append(time.perf_counter() - started)
     return samples
+
+
+@contextmanager
+def sent_as(encode: Encode) -> Iterator[None]:
+    """``QueueBackend`` encodes the groups with ``encode`` for the duration."""
+    original = queue_backend.encode_groups
+    queue_backend.encode_groups = encode
+    try:
+        yield
+    finally:
+        queue_backend.encode_groups = original
+
+
+async def compare_wires(backend: QueueBackend, model: TrainableModel, trainer, ref: ModelRef, redis_url: str,
+                        reps: int, hop_reps: int) -> list[list[str]]:
+    """The same groups (a 1 MB job on the float64 wire) sent on each wire, job by job: table rows."""
+    groups = build_groups(1, signal=False, encode=WIRES["float64"])
+    n_tokens = sum(len(c.token_ids) for g in groups for t in g.trajectories for c in t.choices())
+    samples = {wire: Samples() for wire in WIRES}
+    for _ in range(reps):
+        for wire, encode in WIRES.items():
+            with sent_as(encode):
+                one = await measure(backend, model, trainer, ref, groups, 1)
+            for name in ("wall", "train_s", "queued_s", "inproc"):
+                getattr(samples[wire], name).extend(getattr(one, name))
+    rows = []
+    for wire, encode in WIRES.items():
+        hops = hop_breakdown(groups, redis_url, hop_reps, encode=encode)
+        overhead = samples[wire].overhead
+        rows.append([
+            wire, f"{len(encode(groups)) / 1e6:.2f}", f"{n_tokens:,}", str(reps),
+            f"{median(overhead) * 1e3:.1f}", f"{percentile(overhead, 99) * 1e3:.1f}",
+            *(f"{hops[k] * 1e3:.1f}" for k in HOPS),
+        ])
+    return rows
 
 
 def table_row(size_mb: float, kind: str, n_bytes: int, n_tokens: int, s: Samples) -> list[str]:
