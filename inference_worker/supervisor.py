@@ -63,6 +63,7 @@ def vllm_env(settings: InferenceSettings) -> dict[str, str]:
     env[vllm_plugin.ENABLE_FLAG] = "1"
     env[vllm_plugin.GROUPED_LORA_FLAG] = "1" if settings.grouped_lora else "0"
     env[vllm_plugin.FUSED_LORA_FLAG] = "1" if settings.fused_lora else "0"
+    env[vllm_plugin.COMPILED_LORA_FLAG] = "1" if settings.compile_lora else "0"
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gib))
     if (os.cpu_count() or 1) <= _SMALL_MACHINE_CPUS:
         # vLLM-CPU keeps one core for its API server and binds the engine to the rest: on

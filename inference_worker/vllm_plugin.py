@@ -55,6 +55,7 @@ if TYPE_CHECKING:  # tensor methods only at run time: the inference worker impor
     import torch
 
 __all__ = [
+    "COMPILED_LORA_FLAG",
     "ENABLE_FLAG",
     "FUSED_LORA_FLAG",
     "GROUPED_LORA_FLAG",
@@ -71,6 +72,7 @@ log = logging.getLogger("vllm.plugins.trainq")  # vLLM configures its own logger
 ENABLE_FLAG = "TRAINQ_VLLM_PLUGIN"
 GROUPED_LORA_FLAG = "TRAINQ_VLLM_GROUPED_LORA"
 FUSED_LORA_FLAG = "TRAINQ_VLLM_FUSED_LORA"
+COMPILED_LORA_FLAG = "TRAINQ_VLLM_COMPILED_LORA"
 
 
 def register() -> None:
@@ -84,6 +86,10 @@ def register() -> None:
         init_amx()
     if os.environ.get(GROUPED_LORA_FLAG) == "1":
         _use_grouped_lora_kernels()
+    if os.environ.get(COMPILED_LORA_FLAG) == "1":
+        from inference_worker import vllm_lora_compile
+
+        vllm_lora_compile.enable()
 
 
 def _use_grouped_lora_kernels() -> None:

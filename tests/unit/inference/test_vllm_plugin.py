@@ -6,6 +6,16 @@ import pytest
 import torch
 
 from inference_worker import vllm_plugin
+from tests.support.punica import (
+    HIDDEN,
+    LAYOUTS,
+    MAPPINGS,
+    MAX_LORAS,
+    MAX_RANK,
+    punica_wrapper,
+    set_mapping,
+    stacked_weights,
+)
 
 lora_ops = pytest.importorskip("vllm.lora.ops.torch_ops.lora_ops", reason="vLLM is not installed")
 
@@ -145,44 +155,6 @@ def test_the_supervisor_tells_vllm_which_kernels_to_use(grouped_lora: bool, fuse
 
 # --- one shrink and one expand per layer, against vLLM's PunicaWrapperCPU.add_lora_linear on the same wrapper ---
 
-MAX_LORAS, MAX_RANK, HIDDEN = 4, 16, 64
-LAYOUTS = {"qkv": (HIDDEN, 16, 16), "gate_up": (96, 96), "o": (HIDDEN,)}
-# Rows per LoRA id (0: the base model, no adapter), as vLLM's token mapping gives them for a batch.
-MAPPINGS = {
-    "one adapter": (1,) * 9,
-    "single token": (2,),
-    "mixed": (1, 1, 1, 0, 0, 3, 3, 1, 1, 0, 2, 2, 2, 1),  # adapter 1 in two runs, base rows between
-    "base only": (0,) * 5,
-}
-LORA_IDS = [1, 2, 3, None]  # slot -> adapter id; the last slot is free, as -1 rows would read it in vLLM's gather
-
-
-def _wrapper(token_ids: tuple[int, ...], lora_index_to_id: list[int | None] = LORA_IDS):  # type: ignore[no-untyped-def]
-    punica_cpu = pytest.importorskip("vllm.lora.punica_wrapper.punica_cpu")
-    wrapper = punica_cpu.PunicaWrapperCPU(max_num_batched_tokens=64, max_batches=16, device="cpu")
-    # The fused method's fallback, as register() leaves it on the class.
-    wrapper._trainq_vllm_add_lora_linear = punica_cpu.PunicaWrapperCPU.add_lora_linear.__get__(wrapper)
-    _set_mapping(wrapper, token_ids, lora_index_to_id)
-    return wrapper
-
-
-def _set_mapping(wrapper, token_ids: tuple[int, ...], lora_index_to_id: list[int | None] = LORA_IDS) -> None:  # type: ignore[no-untyped-def]
-    from vllm.lora.layers import LoRAMapping
-
-    # vLLM v1 marks every CPU batch as prefill (v1/worker/lora_model_runner_mixin.py), as here.
-    wrapper.update_metadata(LoRAMapping(token_ids, token_ids, is_prefill=True), lora_index_to_id, MAX_LORAS, 32000)
-
-
-def _stacked(slices: tuple[int, ...], rank: int = 8) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-    """vLLM's stacked layout, adapters of ``rank`` in slots 0-2 (zero-padded to MAX_RANK), the last slot zero."""
-    a = tuple(torch.zeros(MAX_LORAS, 1, MAX_RANK, HIDDEN, dtype=torch.bfloat16) for _ in slices)
-    b = tuple(torch.zeros(MAX_LORAS, 1, out, MAX_RANK, dtype=torch.bfloat16) for out in slices)
-    for slot in range(MAX_LORAS - 1):
-        for a_slice, b_slice in zip(a, b):
-            a_slice[slot, 0, :rank].copy_(torch.randn(rank, HIDDEN) / 8)
-            b_slice[slot, 0, :, :rank].copy_(torch.randn(b_slice.shape[2], rank))
-    return a, b
-
 
 def _both(wrapper, a, b, slices, x, y):  # type: ignore[no-untyped-def]
     """(vLLM's result, ours) on copies of ``y``."""
@@ -201,8 +173,8 @@ def test_fused_add_lora_linear_matches_vllm(layout: str, mapping: str) -> None:
     torch.manual_seed(3)
     slices = LAYOUTS[layout]
     token_ids = MAPPINGS[mapping]
-    wrapper = _wrapper(token_ids)
-    a, b = _stacked(slices)
+    wrapper = punica_wrapper(token_ids)
+    a, b = stacked_weights(slices)
     x = torch.randn(len(token_ids), HIDDEN, dtype=torch.bfloat16)
     y = torch.randn(len(token_ids), sum(slices), dtype=torch.bfloat16)
     expected, got = _both(wrapper, a, b, slices, x, y)
@@ -215,8 +187,8 @@ def test_fused_add_lora_linear_follows_new_adapter_weights_and_new_batches() -> 
     """Cached fused weights and row groups are rebuilt when vLLM writes a slot or a new mapping in place."""
     torch.manual_seed(4)
     slices = LAYOUTS["qkv"]
-    wrapper = _wrapper(MAPPINGS["mixed"])
-    a, b = _stacked(slices)
+    wrapper = punica_wrapper(MAPPINGS["mixed"])
+    a, b = stacked_weights(slices)
     x = torch.randn(len(MAPPINGS["mixed"]), HIDDEN, dtype=torch.bfloat16)
     y = torch.zeros(x.shape[0], sum(slices), dtype=torch.bfloat16)
     _both(wrapper, a, b, slices, x, y)  # fills the caches
@@ -228,7 +200,7 @@ def test_fused_add_lora_linear_follows_new_adapter_weights_and_new_batches() -> 
     torch.testing.assert_close(got, expected)
 
     token_ids = (3, 3, 2, 1, 0, 1, 3, 3, 3, 0, 2, 1, 1, 1)  # as many rows as before, other adapters
-    _set_mapping(wrapper, token_ids)
+    set_mapping(wrapper, token_ids)
     x = torch.randn(len(token_ids), HIDDEN, dtype=torch.bfloat16)
     y = torch.zeros(len(token_ids), sum(slices), dtype=torch.bfloat16)
     expected, got = _both(wrapper, a, b, slices, x, y)
@@ -240,8 +212,8 @@ def test_fused_add_lora_linear_leaves_rows_without_an_adapter_alone() -> None:
     torch.manual_seed(5)
     slices = LAYOUTS["gate_up"]
     token_ids = (4, 4, 0, 0, 4)
-    wrapper = _wrapper(token_ids, lora_index_to_id=[1, 2, 3, 4])
-    a, b = _stacked(slices)
+    wrapper = punica_wrapper(token_ids, lora_index_to_id=[1, 2, 3, 4])
+    a, b = stacked_weights(slices)
     for a_slice, b_slice in zip(a, b):
         a_slice[MAX_LORAS - 1].copy_(a_slice[0])
         b_slice[MAX_LORAS - 1].copy_(b_slice[0])
@@ -259,8 +231,8 @@ def test_fused_add_lora_linear_hands_other_layouts_to_vllm() -> None:
     """A caller's buffer goes to vLLM's method, which fills it; so does a weight layout we do not fuse."""
     torch.manual_seed(6)
     slices = LAYOUTS["o"]
-    wrapper = _wrapper(MAPPINGS["one adapter"])
-    a, b = _stacked(slices)
+    wrapper = punica_wrapper(MAPPINGS["one adapter"])
+    a, b = stacked_weights(slices)
     x = torch.randn(9, HIDDEN, dtype=torch.bfloat16)
     y = torch.zeros(9, sum(slices), dtype=torch.bfloat16)
     buffer = (torch.zeros(9, MAX_RANK),)

@@ -1,0 +1,112 @@
+"""torch.compile for vLLM-CPU with LoRA on: each LoRA layer's update as one opaque op.
+
+vLLM's CPU platform turns compilation off whenever LoRA is enabled
+(``CpuPlatform.check_and_update_config``): its CPU LoRA path is Python that
+reads the batch's adapter mapping, which a traced graph would freeze. So the
+base model of a LoRA server runs eager, 1.4x slower than the same model in a
+vLLM without ``--enable-lora`` (bench/README.md, rollout section).
+
+vLLM's GPU build keeps compilation with LoRA because its LoRA kernels are
+custom ops, opaque to the tracer. This does the same on CPU: every LoRA linear
+layer gets a number when vLLM builds it, and its ``_apply_lora_to_output``
+calls ``trainq::lora_linear(output, x, number)``, a custom op that looks the
+layer up and runs its punica wrapper's ``add_lora_linear`` (trainq's fused
+kernels, vllm_plugin.py) eagerly, on the mapping of the step being run. The
+graph around it (base projections, attention, norms) is compiled with the
+mode vLLM-CPU uses without LoRA.
+
+The cost is the compilation at each start (~70 s for SmolLM2-135M on 2 CPUs:
+vLLM 0.32's compile cache did not load back here), so it is opt-in:
+``--compile-lora`` on the inference worker (``TRAINQ_VLLM_COMPILED_LORA=1``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch  # only vLLM's processes import this module (vllm_plugin.register)
+
+log = logging.getLogger("vllm.plugins.trainq")
+
+__all__ = ["enable", "lora_linear", "register_layer"]
+
+# Every LoRA linear layer this process built, by the number its graph calls the op with.
+_LAYERS: list[Any] = []
+
+
+def enable() -> bool:
+    """Patch vLLM: keep compilation with LoRA, route LoRA linear layers through the op; False if it differs."""
+    try:
+        from vllm.config import CompilationMode
+        from vllm.lora.layers import base_linear
+        from vllm.platforms import cpu as cpu_platform
+    except ImportError as exc:
+        log.warning("trainq: LoRA stays eager (%s)", exc)
+        return False
+    layer_cls = base_linear.BaseLinearLayerWithLoRA
+    if getattr(layer_cls, "_trainq_compiled", False):
+        return True
+    _keep_compilation(cpu_platform.CpuPlatform, CompilationMode.DYNAMO_TRACE_ONCE)
+    _number_layers(layer_cls)
+    layer_cls._apply_lora_to_output = _apply_lora_to_output
+    layer_cls._trainq_compiled = True
+    log.info("trainq: vLLM-CPU compiles the model with LoRA on; LoRA layers are the op trainq::lora_linear")
+    return True
+
+
+# Not mutating: a mutating custom op goes through vLLM's defunctionalization
+# pass, which names GPU-only ops and fails on the CPU build.
+@torch.library.custom_op("trainq::lora_linear", mutates_args=())
+def lora_linear(output: torch.Tensor, x: torch.Tensor, layer: int) -> torch.Tensor:
+    """``output`` plus LoRA layer number ``layer``'s update for ``x``, with the batch's current adapters."""
+    module = _LAYERS[layer]
+    result = output.clone()
+    module.punica_wrapper.add_lora_linear(result, x, module.lora_a_stacked, module.lora_b_stacked, 1.0,
+                                          module.output_slices)
+    return result
+
+
+@lora_linear.register_fake
+def _(output: torch.Tensor, x: torch.Tensor, layer: int) -> torch.Tensor:
+    return torch.empty_like(output)
+
+
+def register_layer(layer: Any) -> int:
+    """Give ``layer`` (a vLLM LoRA linear layer) its number for ``lora_linear``."""
+    layer._trainq_layer = len(_LAYERS)
+    _LAYERS.append(layer)
+    return layer._trainq_layer
+
+
+def _keep_compilation(platform_cls: Any, mode: Any) -> None:
+    original = platform_cls.check_and_update_config.__func__
+
+    def check_and_update_config(cls: Any, vllm_config: Any) -> None:
+        original(cls, vllm_config)
+        if vllm_config.lora_config is not None and not vllm_config.model_config.enforce_eager:
+            vllm_config.compilation_config.mode = mode  # what vLLM-CPU uses without LoRA
+
+    platform_cls.check_and_update_config = classmethod(check_and_update_config)
+
+
+def _number_layers(layer_cls: Any) -> None:
+    original = layer_cls.__init__
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        register_layer(self)
+
+    layer_cls.__init__ = __init__
+
+
+def _apply_lora_to_output(self: Any, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """vLLM's ``BaseLinearLayerWithLoRA._apply_lora_to_output``, the update through the op."""
+    original_shape = output.shape if output.ndim == 3 else None
+    if x.ndim == 3 and output.ndim == 3:  # the transformers backend's (1, tokens, hidden)
+        output = output.flatten(0, 1)
+        x = x.flatten(0, 1)
+    output = torch.ops.trainq.lora_linear(output, x, self._trainq_layer)
+    if original_shape is not None:
+        output = output.reshape(original_shape)
+    return output
