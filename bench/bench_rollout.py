@@ -30,13 +30,18 @@ per-slice calls: ``--no-fused-lora``), ``fused`` (the worker's default),
 ``--compile-lora``, inference_worker/vllm_lora_compile.py); ``both`` is
 ``vllm fused``.
 
+``--against-plain`` also starts vLLM's api_server *without* ``--enable-lora``
+(otherwise the worker's command line and environment) and gives each
+variant's adapter as a share of that base model: vLLM-CPU serves a LoRA
+server's base model eager, a plain one compiled.
+
 Target: the adapter within 10% of the base model.
 
     python bench/bench_rollout.py --quick            # tiny model, 2 rounds (< 1 min once vLLM is up)
     python bench/bench_rollout.py                    # SmolLM2-135M (the embedded default), 5 rounds
     python bench/bench_rollout.py --kernels both --rounds 3   # vLLM's LoRA kernels, then trainq's
     python bench/bench_rollout.py --kernels grouped fused     # before/after fusing each layer's slices
-    python bench/bench_rollout.py --kernels fused compiled    # eager, then compiled around the LoRA layers
+    python bench/bench_rollout.py --kernels fused compiled --against-plain   # and against a vLLM without LoRA
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
@@ -54,7 +60,8 @@ from _common import machine_line, median, percentile, print_table, verdict
 import httpx
 
 from inference_worker.settings import InferenceSettings
-from producer.local_backend import CPU_INFERENCE_DEFAULTS
+from inference_worker.supervisor import vllm_command, vllm_env
+from producer.local_backend import CPU_INFERENCE_DEFAULTS, free_port
 from tests.integration.inference.adapters import checkpoint_dir, write_adapter
 from tests.integration.inference.worker import API_KEY, InferenceWorker, publish_checkpoint
 from tests.support.examples import load_example
@@ -181,6 +188,56 @@ async def measure(args: argparse.Namespace, kernels: str) -> tuple[Results, floa
     return results, startup
 
 
+async def measure_plain(args: argparse.Namespace) -> tuple[dict[Workload, float], float]:
+    """The base model on a vLLM without ``--enable-lora``, else as the worker starts it: tok/s per workload."""
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        base = model_path(args.model, tmp)
+        flags = server_settings(args)
+        settings = InferenceSettings(redis_url="redis://127.0.0.1:1/0", base_model=str(base), checkpoint_root=str(tmp),
+                                     port=free_port(), kv_cache_gib=int(flags["--kv-cache-gib"]),
+                                     max_model_len=int(flags["--max-model-len"]))
+        lora_flags = {"--enable-lora": 0, "--max-loras": 1, "--max-lora-rank": 1}  # flag: values after it
+        cmd, skip = [], 0
+        for arg in vllm_command(settings, str(base)):
+            if skip:
+                skip -= 1
+            elif arg in lora_flags:
+                skip = lora_flags[arg]
+            else:
+                cmd.append(arg)
+        with open(tmp / "vllm.log", "wb") as log:
+            process = subprocess.Popen(cmd, env=vllm_env(settings), stdout=log, stderr=subprocess.STDOUT)
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.port}") as http:
+                started = time.perf_counter()
+                await wait_healthy(http, process, args.startup_timeout)
+                startup = time.perf_counter() - started
+                await batch(http, str(base), Workload("warm-up", 2, 2, 8, 0))
+                tps: dict[Workload, list[float]] = {}
+                for _ in range(args.rounds):
+                    for work in workloads(args):
+                        tps.setdefault(work, []).append((await batch(http, str(base), work))[0])
+        finally:
+            process.terminate()
+            process.wait(timeout=60)
+    return {work: median(values) for work, values in tps.items()}, startup
+
+
+async def wait_healthy(http: httpx.AsyncClient, process: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"vLLM exited with {process.returncode} before it was healthy")
+        try:
+            if (await http.get("/health", timeout=2)).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        await asyncio.sleep(1)
+    raise TimeoutError(f"vLLM was not healthy within {timeout:.0f} s")
+
+
 def server_settings(args: argparse.Namespace) -> dict[str, str | None]:
     """The stack's settings; the tiny model has only 2,048 positions."""
     return {**STACK_SETTINGS, "--max-model-len": "512"} if args.model == "tiny" else dict(STACK_SETTINGS)
@@ -220,6 +277,13 @@ async def main_async(args: argparse.Namespace) -> None:
         results, startup = await measure(args, kernels)
         shares[kernels] = report(args, kernels, results, startup)
         adapter_tps[kernels] = {work: median([t for t, _ in results[(work, "adapter")]]) for work in workloads(args)}
+    if args.against_plain:
+        plain, startup = await measure_plain(args)
+        print(f"\nthe base model on a vLLM without --enable-lora (started in {startup:.0f} s), {args.rounds} rounds; "
+              "each variant's adapter as a share of it:")
+        for work in workloads(args):
+            shares_of_plain = ", ".join(f"{name} {adapter_tps[name][work] / plain[work]:.1%}" for name in runs)
+            print(f"  {work.name} at concurrency {work.concurrency}: {plain[work]:,.1f} tok/s; {shares_of_plain}")
     for before_name, after_name in itertools.pairwise(runs):
         print(f"\nadapter tokens/s (and share of base), {before_name} -> {after_name} LoRA kernels (same run):")
         for work in workloads(args):
@@ -250,6 +314,8 @@ def main() -> None:
                         help="vLLM-CPU's LoRA kernels, measured in turn, one worker each: trainq's grouped kernels with "
                              "each layer's slices fused (the inference worker's default), the grouped kernels with "
                              "vLLM's per-slice calls, vLLM's own, or fused and compiled (--compile-lora); 'both' is 'vllm fused'")
+    parser.add_argument("--against-plain", action="store_true",
+                        help="also measure the base model on a vLLM started without --enable-lora")
     args = parser.parse_args()
     defaults = ("tiny", 2, 2, 32) if args.quick else ("smollm2", 5, 3, 128)
     for field, value in zip(("model", "rounds", "requests_per_client", "max_tokens"), defaults):
