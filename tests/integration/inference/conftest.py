@@ -53,17 +53,18 @@ def publish(inference_redis_url: str, tiny_model: Path) -> Callable[..., str]:
 @pytest.fixture(scope="module")
 async def start_worker(
     inference_redis_url: str, tiny_model: Path, checkpoint_root: Path, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[Callable[[], InferenceWorker]]:
+) -> AsyncIterator[Callable[..., InferenceWorker]]:
     """Start ``python -m inference_worker`` processes; every one is stopped after the module."""
     started: list[InferenceWorker] = []
     logs = tmp_path_factory.mktemp("inference-logs")
 
-    def start() -> InferenceWorker:
+    def start(settings: dict[str, str | None] | None = None) -> InferenceWorker:
         worker = InferenceWorker(
             redis_url=inference_redis_url,
             base_model=tiny_model,
             checkpoint_root=checkpoint_root,
             log_path=logs / f"worker-{len(started)}.log",
+            settings=settings,
         )
         started.append(worker)
         return worker
