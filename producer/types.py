@@ -194,8 +194,9 @@ def encode_groups(groups: list[TrajectoryGroup]) -> bytes:
     """The msgpack of a train job's groups, with every choice's logprobs packed as float32.
 
     The caller's records are left as they are: what the encoder sees are
-    shallow copies holding the packed bytes (~1 ms a 1 MB job). A logprob
-    beyond float32's range is a ``ValueError`` naming it.
+    shallow copies holding the packed bytes (packing costs ~15 ns a logprob,
+    the copies next to nothing). A logprob beyond float32's range is a
+    ``ValueError`` naming it.
     """
     return _groups_encoder.encode([_with_packed_logprobs(group, g) for g, group in enumerate(groups)])
 
