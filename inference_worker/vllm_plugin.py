@@ -1,6 +1,6 @@
 """trainq's vLLM plugin: what the vLLM the inference worker starts needs on a CPU machine.
 
-Two things, in each of vLLM's processes:
+In each of vLLM's processes:
 
 **AMX permission.** On x86 CPUs with AMX (Sapphire Rapids and later) Linux
 kills a process that runs an AMX instruction without first asking the kernel
@@ -39,6 +39,14 @@ the punica wrapper's contract have it; vLLM-CPU's gather would give them
 the last slot's adapter in a batch that mixes them with adapter rows.
 ``--no-fused-lora`` keeps vLLM's per-slice method over the grouped kernels.
 
+**A batch of prompt-logprobs requests through LoRA.** vLLM-CPU's engine died
+on it (a shape mismatch in ``add_lora_logits``); for adapters without an
+``lm_head`` update, which is every trainq adapter, ``add_lora_logits`` below
+adds the nothing there is to add instead.
+
+With ``--compile-lora``, vllm_lora_compile.py also compiles the model around
+the LoRA layers.
+
 vLLM loads every ``vllm.general_plugins`` entry point in each of its
 processes; this one acts only when ``TRAINQ_VLLM_PLUGIN=1``, which the
 inference worker sets for the vLLM it supervises, so a vLLM started by hand on
@@ -59,6 +67,7 @@ __all__ = [
     "ENABLE_FLAG",
     "FUSED_LORA_FLAG",
     "GROUPED_LORA_FLAG",
+    "add_lora_logits",
     "bgmv_expand",
     "bgmv_expand_slice",
     "bgmv_shrink",
@@ -84,6 +93,7 @@ def register() -> None:
     init_amx = getattr(torch._C._cpu, "_init_amx", None)  # private torch API: tolerate its absence
     if init_amx is not None:
         init_amx()
+    _survive_prompt_logprobs_batches()
     if os.environ.get(GROUPED_LORA_FLAG) == "1":
         _use_grouped_lora_kernels()
     if os.environ.get(COMPILED_LORA_FLAG) == "1":
@@ -113,6 +123,35 @@ def _use_grouped_lora_kernels() -> None:
         wrapper_cls.add_lora_linear = fused_add_lora_linear
     log.info("trainq: vLLM-CPU LoRA uses one matmul per adapter, one shrink and one expand per layer (%s=1)",
              GROUPED_LORA_FLAG)
+
+
+def _survive_prompt_logprobs_batches() -> None:
+    try:
+        from vllm.lora.punica_wrapper import punica_cpu
+    except ImportError:
+        return
+    wrapper_cls = punica_cpu.PunicaWrapperCPU
+    if wrapper_cls.add_lora_logits is not add_lora_logits:
+        wrapper_cls._trainq_vllm_add_lora_logits = wrapper_cls.add_lora_logits
+        wrapper_cls.add_lora_logits = add_lora_logits
+
+
+def add_lora_logits(self: object, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: torch.Tensor,
+                    lora_b_stacked: torch.Tensor, scale: float, **kwargs: object) -> torch.Tensor | None:
+    """``PunicaWrapperCPU.add_lora_logits``, also for a batch of prompt-logprobs requests.
+
+    vLLM indexes the logits' rows with one adapter index per request
+    (``sampler_indices``), but its prompt-logprobs pass hands over every
+    prompt position instead: with two such requests or more in a batch the
+    shapes disagree and vLLM-CPU's engine died (with its own kernels as with
+    ours). Adapters that do not train ``lm_head`` (trainq's never do) leave
+    every slot's ``lora_b_stacked`` zero, and then there is nothing to add,
+    whatever the rows: return. Otherwise vLLM's method runs, as before.
+    """
+    rows = x.reshape(-1, x.shape[-1]).shape[0]
+    if rows != self.sampler_indices.numel() and not bool(lora_b_stacked.any()):  # type: ignore[attr-defined]
+        return y
+    return self._trainq_vllm_add_lora_logits(y, x, lora_a_stacked, lora_b_stacked, scale, **kwargs)  # type: ignore[attr-defined]
 
 
 def lora_matmul(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

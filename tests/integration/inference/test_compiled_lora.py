@@ -4,9 +4,7 @@ Compiled and eager kernels round differently, so answers are compared by the
 logprob of the first answer token to a set of prompts: the compiled server
 must sit much closer to the eager server's logprobs for the same adapter than
 the two adapters sit to each other. A graph that froze the adapter mapping,
-or skipped LoRA, would be as far off as another adapter is. (Prompt logprobs
-would compare more tokens, but vLLM-CPU's LoRA logits path fails a batch of
-several prompt-logprobs requests, with its own kernels as with ours.)
+or skipped LoRA, would be as far off as another adapter is.
 """
 
 from __future__ import annotations
