@@ -41,8 +41,11 @@ def enable() -> bool:
         from vllm.config import CompilationMode
         from vllm.lora.layers import base_linear
         from vllm.platforms import cpu as cpu_platform
+        from vllm.platforms import current_platform
     except ImportError as exc:
         log.warning("trainq: LoRA stays eager (%s)", exc)
+        return False
+    if not current_platform.is_cpu():  # GPU builds compile with LoRA already, with their own LoRA ops
         return False
     layer_cls = base_linear.BaseLinearLayerWithLoRA
     if getattr(layer_cls, "_trainq_compiled", False):
