@@ -118,9 +118,7 @@ def _use_grouped_lora_kernels() -> None:
     if os.environ.get(FUSED_LORA_FLAG) == "0":
         log.info("trainq: vLLM-CPU LoRA uses one matmul per adapter, per slice (%s=0)", FUSED_LORA_FLAG)
         return
-    if wrapper_cls.add_lora_linear is not fused_add_lora_linear:
-        wrapper_cls._trainq_vllm_add_lora_linear = wrapper_cls.add_lora_linear
-        wrapper_cls.add_lora_linear = fused_add_lora_linear
+    _replace_method(wrapper_cls, "add_lora_linear", fused_add_lora_linear)
     log.info("trainq: vLLM-CPU LoRA uses one matmul per adapter, one shrink and one expand per layer (%s=1)",
              GROUPED_LORA_FLAG)
 
@@ -130,10 +128,14 @@ def _survive_prompt_logprobs_batches() -> None:
         from vllm.lora.punica_wrapper import punica_cpu
     except ImportError:
         return
-    wrapper_cls = punica_cpu.PunicaWrapperCPU
-    if wrapper_cls.add_lora_logits is not add_lora_logits:
-        wrapper_cls._trainq_vllm_add_lora_logits = wrapper_cls.add_lora_logits
-        wrapper_cls.add_lora_logits = add_lora_logits
+    _replace_method(punica_cpu.PunicaWrapperCPU, "add_lora_logits", add_lora_logits)
+
+
+def _replace_method(cls: type, name: str, replacement: object) -> None:
+    """Install ``replacement`` as ``cls.name``, keeping vLLM's as ``cls._trainq_vllm_<name>`` for fallbacks."""
+    if getattr(cls, name) is not replacement:
+        setattr(cls, f"_trainq_vllm_{name}", getattr(cls, name))
+        setattr(cls, name, replacement)
 
 
 def add_lora_logits(self: object, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: torch.Tensor,
