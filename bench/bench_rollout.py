@@ -197,15 +197,7 @@ async def measure_plain(args: argparse.Namespace) -> tuple[dict[Workload, float]
         settings = InferenceSettings(redis_url="redis://127.0.0.1:1/0", base_model=str(base), checkpoint_root=str(tmp),
                                      port=free_port(), kv_cache_gib=int(flags["--kv-cache-gib"]),
                                      max_model_len=int(flags["--max-model-len"]))
-        lora_flags = {"--enable-lora": 0, "--max-loras": 1, "--max-lora-rank": 1}  # flag: values after it
-        cmd, skip = [], 0
-        for arg in vllm_command(settings, str(base)):
-            if skip:
-                skip -= 1
-            elif arg in lora_flags:
-                skip = lora_flags[arg]
-            else:
-                cmd.append(arg)
+        cmd = vllm_command(settings, str(base), lora=False)
         with open(tmp / "vllm.log", "wb") as log:
             process = subprocess.Popen(cmd, env=vllm_env(settings), stdout=log, stderr=subprocess.STDOUT)
         try:

@@ -35,20 +35,22 @@ _STOP_GRACE_S = 10.0
 _SMALL_MACHINE_CPUS = 4  # at or below this, vLLM-CPU reserves no core for its API server
 
 
-def vllm_command(settings: InferenceSettings, model_path: str) -> list[str]:
-    """The api_server command line (``vllm serve`` does not work under the vllm-cpu package name)."""
+def vllm_command(settings: InferenceSettings, model_path: str, *, lora: bool = True) -> list[str]:
+    """The api_server command line (``vllm serve`` does not work under the vllm-cpu package name).
+
+    ``lora=False`` leaves LoRA off: the base model alone, as bench_rollout.py's baseline.
+    """
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", model_path,
         "--served-model-name", settings.served_model_name or settings.base_model,
         "--host", settings.host,
         "--port", str(settings.port),
-        "--enable-lora",
-        "--max-loras", str(settings.max_loras),
-        "--max-lora-rank", str(settings.max_lora_rank),
         "--return-tokens-as-token-ids",
     ]
-    if settings.max_cpu_loras is not None:
+    if lora:
+        cmd += ["--enable-lora", "--max-loras", str(settings.max_loras), "--max-lora-rank", str(settings.max_lora_rank)]
+    if lora and settings.max_cpu_loras is not None:
         cmd += ["--max-cpu-loras", str(settings.max_cpu_loras)]
     if settings.max_model_len is not None:
         cmd += ["--max-model-len", str(settings.max_model_len)]

@@ -153,6 +153,18 @@ def test_the_supervisor_tells_vllm_which_kernels_to_use(grouped_lora: bool, fuse
     assert env[vllm_plugin.FUSED_LORA_FLAG] == ("1" if fused_lora else "0")
 
 
+def test_the_command_without_lora_leaves_every_lora_flag_out() -> None:
+    from inference_worker.settings import InferenceSettings
+    from inference_worker.supervisor import vllm_command
+
+    settings = InferenceSettings(redis_url="redis://127.0.0.1:1/0", base_model="m", checkpoint_root="/tmp",
+                                 max_loras=3, max_lora_rank=8, max_cpu_loras=6)
+    with_lora, without = vllm_command(settings, "/m"), vllm_command(settings, "/m", lora=False)
+
+    assert " ".join(with_lora).endswith("--enable-lora --max-loras 3 --max-lora-rank 8 --max-cpu-loras 6")
+    assert without == with_lora[: with_lora.index("--enable-lora")]
+
+
 # --- one shrink and one expand per layer, against vLLM's PunicaWrapperCPU.add_lora_linear on the same wrapper ---
 
 
