@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from producer import QueueBackend
+from producer import QueueBackend, TrainableModel
 from tests.integration.inference.worker import API_KEY, InferenceWorker
 from tests.support.services import WorkerProcess, start_trainer_worker
 
@@ -51,3 +51,9 @@ async def backend(stack_redis_url, inference, trainer, tmp_path) -> AsyncIterato
         stack_redis_url, inference_base_url=f"{inference.base_url}/v1", inference_api_key=API_KEY, path=str(tmp_path)
     ) as backend:
         yield backend
+
+
+async def register_and_serve(model: TrainableModel, backend: QueueBackend, inference: InferenceWorker) -> None:
+    """Register ``model`` and wait until the inference worker serves its step 0 (``name@0``)."""
+    await model.register(backend)
+    await inference.wait_models({model.get_inference_name(0)}, timeout=180)

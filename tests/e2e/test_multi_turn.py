@@ -16,6 +16,7 @@ import openai
 import pytest
 
 from producer import Choice, TrainableModel, Trajectory, TrajectoryGroup
+from tests.e2e.conftest import register_and_serve
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -44,8 +45,7 @@ async def play(client: openai.AsyncOpenAI, model: TrainableModel, reward: float)
 
 async def test_every_sampled_turn_of_a_multi_turn_rollout_is_trained(backend, inference, tiny_model):
     model = TrainableModel("player", "e2e-multi-turn", base_model=str(tiny_model))
-    await model.register(backend)
-    await inference.wait_models({"player@0"}, timeout=180)
+    await register_and_serve(model, backend, inference)
 
     async with model.openai_client(max_retries=0) as client:
         # Rewards differ within each group, so every trajectory carries an advantage.

@@ -11,6 +11,7 @@ import openai
 import pytest
 
 from producer import Choice, TrainableModel, Trajectory, TrajectoryGroup
+from tests.e2e.conftest import register_and_serve
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -46,8 +47,7 @@ async def greedy(client: openai.AsyncOpenAI, inference_name: str) -> Choice:
 
 async def test_sample_train_and_serve_the_next_step(backend, inference, tiny_model):
     model = TrainableModel("agent", "e2e", base_model=str(tiny_model))
-    await model.register(backend)
-    await inference.wait_models({"agent@0"}, timeout=180)
+    await register_and_serve(model, backend, inference)
 
     async with model.openai_client(max_retries=0) as client:
         groups = [
