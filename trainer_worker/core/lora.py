@@ -84,7 +84,9 @@ def setup_model(base_model_path: str, device: str, lora: LoraSettings, seed: int
     tokenizer = AutoTokenizer.from_pretrained(base_model_path)
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError(f"the tokenizer of {base_model_path} has no chat template")
-    base = AutoModelForCausalLM.from_pretrained(base_model_path, dtype=dtype).to(torch_device)
+    base = AutoModelForCausalLM.from_pretrained(base_model_path, dtype=dtype)
+    # The adapter is initialised on the CPU and moved with the model: the same seed then
+    # gives the same step 0 on every device (CUDA's generator draws other numbers).
     torch.manual_seed(seed)
     config = LoraConfig(
         r=lora.r,
@@ -94,7 +96,7 @@ def setup_model(base_model_path: str, device: str, lora: LoraSettings, seed: int
         bias="none",
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(base, config)
+    model = get_peft_model(base, config).to(torch_device)
     loaded = LoadedModel(tokenizer=tokenizer, model=model, device=torch_device, initial_adapter={})
     loaded.initial_adapter = loaded.adapter_state()
     return loaded
