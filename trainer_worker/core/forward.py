@@ -22,8 +22,8 @@ def per_token_logps(model: Any, batch: MicroBatch, device: torch.device | str) -
     row per prompt token (49k floats on SmolLM2) would dominate memory and the
     head's FLOPs for values nobody reads.
 
-    Packed rows pass ``attention_mask=None`` with restarting ``position_ids``, which
-    transformers turns into a block-diagonal causal mask (see ``packing``).
+    Packed rows pass ``attention_mask=None`` with restarting ``position_ids``: each
+    sequence attends only to itself (see ``packing`` and ``attention``).
     """
     input_ids = batch.input_ids.to(device)
     position_ids = batch.position_ids.to(device)

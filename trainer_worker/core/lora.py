@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from trainer_worker.core.attention import ATTENTION
+from trainer_worker.core.attention import register as register_attention
 from trainer_worker.core.checkpoints import OPTIMIZER_FILE
 
 __all__ = ["DEFAULT_LORA_TARGETS", "LoraSettings", "LoadedModel", "setup_model"]
@@ -72,8 +74,14 @@ class LoadedModel:
         optimizer.load_state_dict(state)
 
 
-def setup_model(base_model_path: str, device: str, lora: LoraSettings, seed: int) -> LoadedModel:
-    """Load tokenizer and base model (bf16 on CUDA, fp32 on CPU) and wrap it with a LoRA adapter."""
+def setup_model(
+    base_model_path: str, device: str, lora: LoraSettings, seed: int, attn_implementation: str = ATTENTION
+) -> LoadedModel:
+    """Load tokenizer and base model (bf16 on CUDA, fp32 on CPU) and wrap it with a LoRA adapter.
+
+    ``attn_implementation``: per-sequence causal attention by default (see ``attention``);
+    any of transformers' names (``"sdpa"``, ``"eager"``) for comparison.
+    """
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -84,7 +92,9 @@ def setup_model(base_model_path: str, device: str, lora: LoraSettings, seed: int
     tokenizer = AutoTokenizer.from_pretrained(base_model_path)
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError(f"the tokenizer of {base_model_path} has no chat template")
-    base = AutoModelForCausalLM.from_pretrained(base_model_path, dtype=dtype)
+    if attn_implementation == ATTENTION:
+        register_attention()
+    base = AutoModelForCausalLM.from_pretrained(base_model_path, dtype=dtype, attn_implementation=attn_implementation)
     # The adapter is initialised on the CPU and moved with the model: the same seed then
     # gives the same step 0 on every device (CUDA's generator draws other numbers).
     torch.manual_seed(seed)

@@ -2,12 +2,12 @@
 
 ``packed`` (the default) puts several sequences in one row, first-fit
 decreasing by length. Position ids restart at 0 for each sequence and the
-attention mask is left ``None``: transformers (5.x, ``masking_utils.
-find_packed_sequence_indices``) then derives a block-diagonal causal mask from
-the restarts for sdpa and eager attention, and flash-attention uses varlen
-kernels, so packed sequences never see each other and no ``T x T`` mask is
-built by us. ``tests/unit/trainer/test_packing.py`` pins that packed logits
-equal unpacked ones.
+attention mask is left ``None``: the trainer's attention (``attention``) runs
+each sequence of a row as its own causal attention, and transformers' own
+implementations (5.x, ``masking_utils.find_packed_sequence_indices``) derive a
+block-diagonal causal mask from the restarts, so packed sequences never see
+each other. ``tests/unit/trainer/test_trainer_packing.py`` pins that packed
+logits equal unpacked ones, under each implementation.
 
 ``padded`` sorts by length and right-pads rows of similar length; it is kept
 as the baseline for the benchmark.

@@ -21,6 +21,7 @@ import torch
 
 from producer.types import JobOutcome, ModelRef, TrainConfig, TrajectoryGroup, validate_groups
 from trainer_worker.core import checkpoints
+from trainer_worker.core.attention import ATTENTION
 from trainer_worker.core.batch import prepare_batch
 from trainer_worker.core.forward import per_token_logps
 from trainer_worker.core.loss import LossConfig, LossInputs, compute_loss, loss_config_from_train_config
@@ -47,6 +48,8 @@ class Trainer:
         seed: seeds the adapter's initialisation, identical for every model's step 0.
         lora_r, lora_alpha, lora_targets: the LoRA adapter's shape.
         packing: ``"packed"`` (several sequences per row) or ``"padded"``.
+        attn_implementation: per-sequence causal attention (``attention.ATTENTION``, the default)
+            or one of transformers' (``"sdpa"``), kept for comparison.
     """
 
     def __init__(
@@ -61,6 +64,7 @@ class Trainer:
         lora_alpha: int = 16,
         lora_targets: tuple[str, ...] | None = None,
         packing: PackingMode = "packed",
+        attn_implementation: str = ATTENTION,
     ) -> None:
         if max_tokens_per_microbatch < 1:
             raise ValueError(f"max_tokens_per_microbatch must be >= 1, got {max_tokens_per_microbatch}")
@@ -69,7 +73,7 @@ class Trainer:
         self.checkpoint_root = Path(checkpoint_root)
         self.max_tokens_per_microbatch = max_tokens_per_microbatch
         self.packing: PackingMode = packing
-        self._loaded: LoadedModel = setup_model(base_model_path, device, lora, seed)
+        self._loaded: LoadedModel = setup_model(base_model_path, device, lora, seed, attn_implementation)
         self._optimizer = self._new_optimizer()
         self._resident: tuple[str, int] | None = None  # (model key, step) the adapter in memory is
 

@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from trainer_worker.core.attention import ATTENTION, row_segments
+from trainer_worker.core.attention import register as register_attention
 from trainer_worker.core.forward import per_token_logps
 from trainer_worker.core.packing import TrainSequence, build_microbatches
 from trainer_worker.core.tokenize import TokenizedTrajectory
@@ -44,22 +46,65 @@ def test_sequence_over_budget_gets_its_own_microbatch():
     assert sorted(b.num_tokens for b in batches) == [3, 20]
 
 
-@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+# On CUDA, sdpa picks other kernels for a masked packed row than for one sequence.
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, NEEDS_CUDA])])
+@pytest.mark.parametrize("attn_implementation", [ATTENTION, "sdpa", "eager"])
 @pytest.mark.parametrize("mode", ["packed", "padded"])
-def test_packed_logprobs_equal_unpacked(tiny_model, attn_implementation, mode):
+def test_packed_logprobs_equal_unpacked(tiny_model, attn_implementation, mode, device):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=attn_implementation).eval()
+    register_attention()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=attn_implementation).eval().to(device)
     sequences = make_sequences()
+    tolerance = 1e-5 if device == "cpu" else 1e-4  # float32 either way; GPU kernels sum in other orders
     with torch.no_grad():
-        alone = {tuple(s.tokens.input_ids): per_token_logps(model, build_microbatches([s], 64)[0], "cpu")[0] for s in sequences}
+        alone = {tuple(s.tokens.input_ids): per_token_logps(model, build_microbatches([s], 64)[0], device)[0].cpu()
+                 for s in sequences}
         batches = build_microbatches(sequences, 20, mode=mode)
         assert any(b.num_sequences > 1 for b in batches)
         for batch in batches:
-            logps = per_token_logps(model, batch, "cpu")  # (B, T)
+            logps = per_token_logps(model, batch, device).cpu()  # (B, T)
             for row in range(batch.input_ids.shape[0]):
                 for seq in range(batch.num_sequences):
                     where = batch.sequence_ids[row] == seq
                     if where.any():
                         expected = alone[tuple(batch.input_ids[row][where].tolist())]
-                        torch.testing.assert_close(logps[row][where], expected, rtol=1e-5, atol=1e-5)
+                        torch.testing.assert_close(logps[row][where], expected, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, NEEDS_CUDA])])
+@pytest.mark.parametrize("mode", ["packed", "padded"])
+def test_segment_attention_equals_transformers_masked_sdpa(tiny_model, mode, device):
+    from transformers import AutoModelForCausalLM
+
+    register_attention()
+    ours, reference = (
+        AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=name).eval().to(device)
+        for name in (ATTENTION, "sdpa")
+    )
+    tolerance = 1e-5 if device == "cpu" else 1e-4
+    with torch.no_grad():
+        for batch in build_microbatches(make_sequences(), 20, mode=mode):
+            torch.testing.assert_close(per_token_logps(ours, batch, device), per_token_logps(reference, batch, device),
+                                       rtol=tolerance, atol=tolerance)
+
+
+def test_segment_attention_refuses_left_padding(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    register_attention()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=ATTENTION).eval()
+    with pytest.raises(ValueError, match="right-padded"):
+        model(input_ids=torch.tensor([[5, 6, 7]]), attention_mask=torch.tensor([[0, 1, 1]]))
+
+
+def test_row_segments_start_where_positions_restart():
+    assert row_segments(torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]])) == [[(0, 3), (3, 5), (5, 6)], [(0, 6)]]
+    assert row_segments(torch.tensor([[4, 5, 0, 1]])) == [[(0, 2), (2, 4)]]  # a row that continues a sequence
+    positions = torch.tensor([[0, 1, 2, 3]])
+    assert row_segments(positions) == [[(0, 4)]]
+    positions[0, 2] = 0  # read once per tensor, and again once it changes
+    assert row_segments(positions) == [[(0, 2), (2, 4)]]
