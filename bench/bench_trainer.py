@@ -1,13 +1,15 @@
 """Trainer throughput: tokens/s and MFU of ``Trainer.train``, packed rows against length-sorted padding.
 
-Prints tables and exits 0. Per model and packing mode, over measured steps
-after one warm-up step:
+Prints tables and exits 0. Per model, attention implementation (the trainer's
+per-sequence ``trainq_segments`` and transformers' masked ``sdpa``) and packing
+mode, over measured steps after one warm-up step:
 
     step_s         wall time of ``Trainer.train`` (tokenize, forward/backward, AdamW, save): median, p99
     trained_tok/s  sampled assistant tokens per second (the tokens that carry loss)
     seq_tok/s      real (non-padding) tokens forwarded per second
     pad_frac       share of forwarded positions that are padding
     MFU            achieved FLOP/s / the matmul peak measured in this run, same device and dtype
+    peak_GiB       (CUDA) most GPU memory the measured steps held, torch's allocator
 
 FLOP model, fixed: ``6 * N * T`` per step, ``N`` = base-model parameter count
 (embeddings included, LoRA excluded), ``T`` = real tokens forwarded. It counts
@@ -35,6 +37,7 @@ in fresh processes, interleaved.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import random
 import subprocess
@@ -47,6 +50,8 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads; see trainer_worker/__main__.py
 
 from _common import machine_line, median, percentile, print_table  # noqa: E402
+
+from trainer_worker.core.attention import ATTENTION  # noqa: E402
 
 PRIME_RL_H100 = {"tokens/s": 13_342, "mfu": 0.109, "what": "prime-rl, Qwen3-0.6B LoRA, 16k seq, 1x H100"}
 H100_BF16_DENSE_PEAK = 989e12
@@ -103,12 +108,15 @@ def make_groups(w: Workload, vocab: int, seed: int = 0):
     return groups
 
 
-def run_mode(model_path: Path, mode: str, w: Workload, device: str) -> dict[str, float]:
+def run_mode(model_path: Path, mode: str, w: Workload, device: str, attention: str = ATTENTION) -> dict[str, float]:
+    import torch
+
     from producer.types import ModelRef, TrainConfig
     from trainer_worker.core.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as root:
-        trainer = Trainer(str(model_path), root, device=device, max_tokens_per_microbatch=w.budget, packing=mode)
+        trainer = Trainer(str(model_path), root, device=device, max_tokens_per_microbatch=w.budget, packing=mode,
+                          attn_implementation=attention)
         model = ModelRef(project="bench", name=mode, base_model=w.model)
         trainer.register(model)
         params = trainer.num_base_parameters
@@ -116,12 +124,15 @@ def run_mode(model_path: Path, mode: str, w: Workload, device: str) -> dict[str,
         groups = make_groups(w, vocab)
         config = TrainConfig(learning_rate=1e-4)
         trainer.train("warmup", model, config, groups)
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         times, outcomes = [], []
         for step in range(w.steps):
             start = time.perf_counter()
             outcomes.append(trainer.train(f"job-{step}", model, config, groups))
             times.append(time.perf_counter() - start)
         positions = _forwarded_positions(trainer, groups)
+    peak_bytes = torch.cuda.max_memory_allocated() if device == "cuda" else float("nan")
     metrics = outcomes[-1].metrics
     step_s = median(times)
     seq_tokens = metrics["num_sequence_tokens"]
@@ -134,6 +145,7 @@ def run_mode(model_path: Path, mode: str, w: Workload, device: str) -> dict[str,
         "microbatches": metrics["num_microbatches"],
         "flop/s": 6 * params * seq_tokens / step_s,
         "params": float(params),
+        "peak_gib": peak_bytes / 2**30,
     }
 
 
@@ -194,16 +206,18 @@ def workloads(args: argparse.Namespace) -> list[Workload]:
     return [Workload("tiny", 8, 4, 16, 480, 2048, 3), Workload("smollm2", 2, 4, 16, 480, 2048, 2)]
 
 
-def budget_sweep(budgets: tuple[int, ...]) -> list[list[str]]:
-    """Packed rows of several sequences pay attention over the whole row (sdpa with a
-    block-diagonal mask computes every block on CPU): time the same step per budget."""
+def budget_sweep(budgets: tuple[int, ...], attentions: list[str]) -> list[list[str]]:
+    """Packed rows of several sequences pay attention over the whole row under a block-diagonal
+    mask (sdpa computes every block), and only over each sequence under ``ATTENTION``:
+    time the same step per budget."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         path = model_path("tiny", Path(tmp))
         for budget in budgets:
-            r = run_mode(path, "packed", Workload("tiny", 2, 4, 900, 1000, budget, 2), "cpu")
-            rows.append([str(budget), f"{r['step_s']:.3f}", f"{r['step_p99']:.3f}", f"{r['seq_tok/s']:,.0f}",
-                         f"{r['microbatches']:.0f}"])
+            for attention in attentions:
+                r = run_mode(path, "packed", Workload("tiny", 2, 4, 900, 1000, budget, 2), "cpu", attention)
+                rows.append([str(budget), attention, f"{r['step_s']:.3f}", f"{r['step_p99']:.3f}",
+                             f"{r['seq_tok/s']:,.0f}", f"{r['microbatches']:.0f}"])
     return rows
 
 
@@ -234,6 +248,8 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--quick", action="store_true", help="short workloads, no wait-policy comparison (< 1 min)")
     parser.add_argument("--models", default="", help="comma-separated subset of the device's models")
+    parser.add_argument("--attention", nargs="+", default=[ATTENTION, "sdpa"],
+                        help=f"attention implementations to time (default: {ATTENTION}, the trainer's, and sdpa)")
     parser.add_argument("--compare-wait-policy", type=int, default=None, metavar="ROUNDS",
                         help="rounds of the OpenMP wait-policy comparison (default: 2 in full mode on CPU, 0 in quick)")
     args = parser.parse_args()
@@ -246,27 +262,29 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for w in loads:
             path = model_path(w.model, Path(tmp))
-            for mode in ("packed", "padded"):
-                r = run_mode(path, mode, w, args.device)
+            for attention, mode in itertools.product(args.attention, ("packed", "padded")):
+                r = run_mode(path, mode, w, args.device, attention)
                 rows.append([
-                    w.model, mode, f"{r['params'] / 1e6:.1f}M", f"{r['step_s']:.3f}", f"{r['step_p99']:.3f}",
+                    w.model, attention, mode, f"{r['params'] / 1e6:.1f}M", f"{r['step_s']:.3f}", f"{r['step_p99']:.3f}",
                     f"{r['trained_tok/s']:,.0f}", f"{r['seq_tok/s']:,.0f}", f"{r['pad_frac']:.2f}",
                     f"{r['microbatches']:.0f}", f"{r['flop/s'] / 1e9:,.1f}", f"{r['flop/s'] / peak:.1%}",
                 ])
                 if args.device == "cuda":
-                    rows[-1].append(f"{r['flop/s'] / H100_BF16_DENSE_PEAK:.1%}")
+                    rows[-1] += [f"{r['flop/s'] / H100_BF16_DENSE_PEAK:.1%}", f"{r['peak_gib']:.1f}"]
+                print("  done:", " ".join(rows[-1]), file=sys.stderr, flush=True)  # the table comes at the end
 
     print(machine_line())
-    print(f"device={args.device} torch {torch.__version__} threads={torch.get_num_threads()} "
+    gpu = f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else ""
+    print(f"device={args.device}{gpu} torch {torch.__version__} threads={torch.get_num_threads()} "
           f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']} matmul_peak={peak / 1e9:,.1f} GFLOP/s "
           f"({'bf16 8192^2' if args.device == 'cuda' else 'fp32 2048^2'})")
     for w in loads:
         print(f"  {w.model}: {w.groups} groups x {w.group_size}, lengths {w.min_len}-{w.max_len}, "
               f"budget {w.budget} tokens/micro-batch, {w.steps} measured steps after 1 warm-up")
-    headers = ["model", "mode", "params", "step_s", "p99_s", "trained_tok/s", "seq_tok/s", "pad_frac",
+    headers = ["model", "attention", "mode", "params", "step_s", "p99_s", "trained_tok/s", "seq_tok/s", "pad_frac",
                "mbs", "GFLOP/s", "MFU(meas)"]
     if args.device == "cuda":
-        headers.append("MFU(989T)")
+        headers += ["MFU(989T)", "peak_GiB"]
     print_table(headers, rows)
     if args.device == "cuda":
         ref = PRIME_RL_H100
@@ -276,7 +294,8 @@ def main() -> None:
         print()
         print("packed row length on CPU: tiny model, 2 groups x 4 trajectories of 900-1,000 tokens, packed, "
               "by micro-batch budget (one packed row per micro-batch):")
-        print_table(["budget", "step_s", "p99_s", "seq_tok/s", "mbs"], budget_sweep((1024, 2048, 4096, 8192)))
+        print_table(["budget", "attention", "step_s", "p99_s", "seq_tok/s", "mbs"],
+                    budget_sweep((1024, 2048, 4096, 8192), args.attention))
 
     rounds = args.compare_wait_policy
     if rounds is None:
