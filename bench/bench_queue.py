@@ -60,9 +60,8 @@ from tests.support.services import run_redis, start_trainer_worker  # noqa: E402
 
 GROUP_SIZE = 8
 TOKENS_PER_TRAJECTORY = 1000  # under the tiny model's 2,048 positions, with the prompt
-# One ~1,100-token sequence per micro-batch: packed 8,192-token rows pay attention
-# over the whole row on CPU (bench_trainer.py), which would inflate the step time
-# that the overhead is compared with. Worker and in-process trainer use the same.
+# One ~1,100-token sequence per micro-batch, as in the figures of sessions 1-3 (whose
+# masked attention made longer packed rows slower); worker and in-process trainer use the same.
 BUDGET = 2048
 TARGET_1MB_MS = 25.0
 TARGET_10MB_FRACTION = 0.02

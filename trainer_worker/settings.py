@@ -10,10 +10,11 @@ from producer.queue import DEFAULT_VISIBILITY_TIMEOUT_S
 from producer.settings import ServiceSettings
 
 
-# A packed row is one attention block-diagonal mask. Without flash-attention's varlen
-# kernels (always on CPU) every masked block is still computed, so cost grows with the
-# row's square: 8 sequences took 0.88 s in 1,024-token rows and 2.31 s in one 8,192-token
-# row (bench/bench_trainer.py). The local demo measured 512 fastest on SmolLM2.
+# Packed rows cost only their sequences' attention (core/attention.py), so a longer row
+# no longer costs more; before that, 512 measured fastest for the local demo on SmolLM2.
+# Since, the demo's train step measured about the same at 512 and 2,048 (12.5-15.0 s and
+# 11.0-16.6 s a step over two runs each, bench/bench_local_loop.py --max-tokens-per-microbatch),
+# and 512 holds a quarter of the activations.
 CPU_MICROBATCH_TOKENS = 512
 CUDA_MICROBATCH_TOKENS = 8192
 

@@ -11,7 +11,9 @@ kernel where the device has one.
 
 Right-padded rows (the ``padded`` layout, one sequence each) need no mask at
 all: causality already keeps every real token from seeing the padding after
-it, and what the padding positions compute is never trained.
+it, and what the padding positions compute is never trained. Anything else
+(decoding with a KV cache, left padding) gets the explicit causal-and-padding
+mask transformers' sdpa would have built.
 
 Registered with transformers as ``ATTENTION``, with a mask function that
 hands the 2D padding mask through as it came: a model loaded with
@@ -62,49 +64,59 @@ def _segments(position_ids: Tensor) -> list[list[tuple[int, int]]]:
 
 def segment_attention(
     module: Any,
-    query: Tensor,  # (B, H, T, D)
-    key: Tensor,  # (B, KV, T, D)
-    value: Tensor,  # (B, KV, T, D)
-    attention_mask: Tensor | None,
+    query: Tensor,  # (B, H, Tq, D)
+    key: Tensor,  # (B, KV, Tk, D)
+    value: Tensor,  # (B, KV, Tk, D)
+    attention_mask: Tensor | None,  # (B, Tk) padding mask, or None
     *,
     position_ids: Tensor | None = None,
     **kwargs: Any,
 ) -> tuple[Tensor, None]:
-    """transformers' attention-function signature; returns ``(B, T, H, D)`` and no weights."""
+    """transformers' attention-function signature; returns ``(B, Tq, H, D)`` and no weights."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    def causal(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        return sdpa_attention_forward(module, q, k, v, None, is_causal=True, **kwargs)[0]
+    def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+        return sdpa_attention_forward(module, q, k, v, mask, is_causal=mask is None, **kwargs)[0]
 
-    if attention_mask is not None:
-        _check_right_padded(attention_mask)
-        return causal(query, key, value), None
-    if position_ids is None or key.shape[2] != query.shape[2]:
-        # No restarts to read (or a KV cache: decoding, not training): the whole row is one sequence.
-        return causal(query, key, value), None
-    rows = []
-    spans_per_row = row_segments(position_ids)
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError(f"{ATTENTION} takes a 2D padding mask, got shape {tuple(attention_mask.shape)}")
+    if key.shape[2] == query.shape[2]:  # no KV cache: a training forward
+        if attention_mask is None and position_ids is not None:
+            return _per_sequence(attend, query, key, value, row_segments(position_ids)), None
+        if attention_mask is None or _read_once("padding", attention_mask, _is_right_padded):
+            return attend(query, key, value), None
+    # Decoding with a KV cache, or left padding: the explicit mask sdpa would get from transformers.
+    return attend(query, key, value, _explicit_mask(attention_mask, query.shape[2], key.shape[2], query.device)), None
+
+
+def _per_sequence(attend: Callable[..., Tensor], query: Tensor, key: Tensor, value: Tensor,
+                  spans_per_row: list[list[tuple[int, int]]]) -> Tensor:
     if len(spans_per_row) == 1:  # (1, T) position ids shared by every row
         spans_per_row = spans_per_row * query.shape[0]
+    rows = []
     for b, spans in enumerate(spans_per_row):
+        q, k, v = query[b : b + 1], key[b : b + 1], value[b : b + 1]
         if len(spans) == 1:
-            rows.append(causal(query[b : b + 1], key[b : b + 1], value[b : b + 1]))
-            continue
-        pieces = [causal(query[b : b + 1, :, s:e], key[b : b + 1, :, s:e], value[b : b + 1, :, s:e]) for s, e in spans]
-        rows.append(torch.cat(pieces, dim=1))  # (1, T, H, D)
-    return torch.cat(rows, dim=0), None
-
-
-def _check_right_padded(attention_mask: Tensor) -> None:
-    if attention_mask.dim() != 2:
-        raise ValueError(f"{ATTENTION} takes a 2D padding mask, got shape {tuple(attention_mask.shape)}")
-    if not _read_once("padding", attention_mask, _is_right_padded):
-        raise ValueError(f"{ATTENTION} needs right-padded rows (real tokens first, padding after)")
+            rows.append(attend(q, k, v))
+        else:
+            rows.append(torch.cat([attend(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e]) for s, e in spans], dim=1))
+    return torch.cat(rows, dim=0)  # (B, T, H, D)
 
 
 def _is_right_padded(attention_mask: Tensor) -> bool:
     mask = attention_mask.bool()
     return not bool((mask[:, 1:] & ~mask[:, :-1]).any())  # once a row's mask turns 0 it stays 0
+
+
+def _explicit_mask(padding: Tensor | None, q_len: int, k_len: int, device: torch.device) -> Tensor:
+    """``(B, 1, Tq, Tk)`` bool: causal (the queries are the last ``Tq`` positions) and not padding."""
+    offset = k_len - q_len
+    mask = torch.arange(k_len, device=device)[None, :] <= torch.arange(q_len, device=device)[:, None] + offset
+    mask = mask[None, None]
+    if padding is not None:
+        mask = mask & padding.bool()[:, None, None, :]
+    # A query that may see nothing (padding before any token) would come out NaN: let it see all.
+    return mask | ~mask.any(dim=-1, keepdim=True)
 
 
 def _padding_mask_as_given(*, attention_mask: Tensor | None = None, **_: Any) -> Tensor | None:

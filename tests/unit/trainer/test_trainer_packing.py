@@ -92,13 +92,24 @@ def test_segment_attention_equals_transformers_masked_sdpa(tiny_model, mode, dev
                                        rtol=tolerance, atol=tolerance)
 
 
-def test_segment_attention_refuses_left_padding(tiny_model):
+def test_segment_attention_equals_sdpa_with_left_padding_and_when_generating(tiny_model):
     from transformers import AutoModelForCausalLM
 
     register_attention()
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=ATTENTION).eval()
-    with pytest.raises(ValueError, match="right-padded"):
-        model(input_ids=torch.tensor([[5, 6, 7]]), attention_mask=torch.tensor([[0, 1, 1]]))
+    ours, reference = (AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=name).eval()
+                       for name in (ATTENTION, "sdpa"))
+    ids = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])  # left padding: the explicit-mask path
+    with torch.no_grad():
+        logits = [m(input_ids=ids, attention_mask=mask, use_cache=False).logits for m in (ours, reference)]
+        torch.testing.assert_close(logits[0][mask.bool()], logits[1][mask.bool()], rtol=1e-5, atol=1e-5)
+        # Greedy decoding runs every step through the KV cache, against the padded prompt.
+        generated = [m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                                pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+                     for m in (ours, reference)]
+    assert torch.equal(generated[0].sequences, generated[1].sequences)
+    torch.testing.assert_close(torch.stack(generated[0].scores), torch.stack(generated[1].scores),
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_row_segments_start_where_positions_restart():
