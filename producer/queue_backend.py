@@ -25,7 +25,6 @@ from producer.types import (
     TrainRequest,
     TrajectoryGroup,
     encode_groups,
-    validate_groups,
 )
 
 if TYPE_CHECKING:
@@ -94,9 +93,9 @@ class QueueBackend(Backend):
         self, model: TrainableModel, groups: list[TrajectoryGroup], **options: Unpack[TrainOptions]
     ) -> TrainJob:
         config = build_config(options)
-        validate_groups(groups, allow_missing_logprobs=config.allow_training_without_logprobs)
+        # Validated as encoded, before any I/O: a bad field is a ValueError naming it.
+        payload = encode_groups(groups, allow_missing_logprobs=config.allow_training_without_logprobs)
         await self._prepare(model)
-        payload = encode_groups(groups)
         if len(payload) > self.max_payload_bytes:
             raise PayloadTooLargeError(
                 f"the encoded groups are {len(payload):,} bytes, over max_payload_bytes={self.max_payload_bytes:,}; "

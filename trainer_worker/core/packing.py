@@ -18,9 +18,10 @@ a target, the model's position limit is the hard limit, checked at tokenize).
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeAlias
 
 import torch
 from torch import Tensor
@@ -30,6 +31,7 @@ from trainer_worker.core.tokenize import TokenizedTrajectory
 __all__ = ["MicroBatch", "PackingMode", "TrainSequence", "build_microbatches"]
 
 PackingMode = Literal["packed", "padded"]
+Column: TypeAlias = "list | array"  # one per-token field of a sequence or row
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,7 @@ def _sorted_padded(sequences: Sequence[TrainSequence], max_tokens: int) -> list[
     return groups
 
 
-def _columns(sequence: TrainSequence, seq_id: int) -> dict[str, list]:
+def _columns(sequence: TrainSequence, seq_id: int) -> dict[str, Column]:
     t = sequence.tokens
     n = len(t)
     return {
@@ -111,7 +113,7 @@ def _columns(sequence: TrainSequence, seq_id: int) -> dict[str, list]:
         "loss_mask": t.assistant_mask,
         "old_per_token_logps": t.sampler_logprobs,
         "logps_known": t.logprobs_known,
-        "advantages": [sequence.advantage] * n,
+        "advantages": array("f", [sequence.advantage]) * n,
         "sequence_ids": [seq_id] * n,
     }
 
@@ -127,12 +129,24 @@ _DTYPES = {
 }
 
 
+def _empty(name: str) -> Column:
+    # float32 columns stay array("f"): the sampler's logprobs arrive so, and become a
+    # tensor by copying bytes rather than by reading a Python float per token.
+    return array("f") if _DTYPES[name] is torch.float32 else []
+
+
+def _tensor(values: Column, dtype: torch.dtype) -> Tensor:
+    if isinstance(values, array):
+        return torch.frombuffer(values, dtype=dtype).clone() if values else torch.zeros(0, dtype=dtype)
+    return torch.tensor(values, dtype=dtype)
+
+
 def _pack_row(members: list[TrainSequence]) -> MicroBatch:
-    row: dict[str, list] = {name: [] for name in _DTYPES}
+    row = {name: _empty(name) for name in _DTYPES}
     for seq_id, sequence in enumerate(members):
         for name, values in _columns(sequence, seq_id).items():
             row[name].extend(values)
-    tensors = {name: torch.tensor([values], dtype=_DTYPES[name]) for name, values in row.items()}  # (1, T)
+    tensors = {name: _tensor(values, _DTYPES[name])[None] for name, values in row.items()}  # (1, T)
     return MicroBatch(attention_mask=None, num_sequences=len(members), **tensors)
 
 
@@ -147,14 +161,17 @@ def _pad_rows(members: list[TrainSequence], pad_token_id: int) -> MicroBatch:
         "advantages": 0.0,
         "sequence_ids": -1,
     }
-    rows: dict[str, list[list]] = {name: [] for name in _DTYPES}
+    rows: dict[str, list[Tensor]] = {name: [] for name in _DTYPES}
     attention: list[list[int]] = []
     for seq_id, sequence in enumerate(members):
         pad = width - len(sequence.tokens)
         for name, values in _columns(sequence, seq_id).items():
-            rows[name].append(list(values) + [pad_values[name]] * pad)
+            padded = _empty(name)
+            padded.extend(values)
+            padded.extend([pad_values[name]] * pad)
+            rows[name].append(_tensor(padded, _DTYPES[name]))
         attention.append([1] * len(sequence.tokens) + [0] * pad)
-    tensors = {name: torch.tensor(values, dtype=_DTYPES[name]) for name, values in rows.items()}  # (B, T)
+    tensors = {name: torch.stack(values) for name, values in rows.items()}  # (B, T)
     return MicroBatch(
         attention_mask=torch.tensor(attention, dtype=torch.long), num_sequences=len(members), **tensors
     )

@@ -17,6 +17,8 @@ rendering a sentinel assistant message and comparing in token space.
 
 from __future__ import annotations
 
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,12 +37,14 @@ class TokenizedTrajectory:
 
     ``sampler_logprobs[i]`` is the sampler's log-probability of ``input_ids[i]``;
     it is meaningful only where ``logprobs_known[i]``, which implies
-    ``assistant_mask[i]``. Elsewhere it is 0.0.
+    ``assistant_mask[i]``. Elsewhere it is 0.0. It is an ``array("f")``: the
+    logprobs arrive as float32 (``Choice``) and go to a float32 tensor
+    (``packing``) without a Python float per token.
     """
 
     input_ids: list[int]
     assistant_mask: list[bool]
-    sampler_logprobs: list[float]
+    sampler_logprobs: array
     logprobs_known: list[bool]
 
     def __len__(self) -> int:
@@ -81,7 +85,7 @@ def tokenize_trajectory(
     render = _Renderer(tokenizer, trajectory.tools)
     ids: list[int] = []
     mask: list[bool] = []
-    logps: list[float] = []
+    logps = array("f")
     known: list[bool] = []
     history: list[dict[str, Any]] = []
     rendered = ""  # the template's text for ``history`` (without a generation prompt)
@@ -90,7 +94,7 @@ def tokenize_trajectory(
         context = render.encode(text)
         ids.extend(context)
         mask.extend([False] * len(context))
-        logps.extend([0.0] * len(context))
+        _extend_zeros(logps, len(context))
         known.extend([False] * len(context))
 
     last_choice = max((i for i, it in enumerate(trajectory.messages_and_choices) if isinstance(it, Choice)), default=-1)
@@ -106,12 +110,15 @@ def tokenize_trajectory(
         ids.extend(item.token_ids)
         mask.extend([True] * len(item.token_ids))
         has_logps = bool(item.logprobs)
-        logps.extend(item.logprobs if has_logps else [0.0] * len(item.token_ids))
+        if has_logps:
+            logps.extend(_as_float32(item.logprobs))
+        else:
+            _extend_zeros(logps, len(item.token_ids))
         known.extend([has_logps] * len(item.token_ids))
         tail = _unsampled_turn_end(render.encode(render.turn_end(history)), item.token_ids)
         ids.extend(tail)
         mask.extend([False] * len(tail))
-        logps.extend([0.0] * len(tail))
+        _extend_zeros(logps, len(tail))
         known.extend([False] * len(tail))
         history.append(choice_as_message(item))
         rendered = render.text(history, add_generation_prompt=False)
@@ -123,6 +130,15 @@ def tokenize_trajectory(
             f"trajectory is {len(ids)} tokens long, more than the model's {max_length} positions"
         )
     return TokenizedTrajectory(ids, mask, logps, known)
+
+
+def _as_float32(values: Sequence[float]) -> array:
+    """A decoded choice's ``array("f")`` as it is (extending by it copies its bytes); anything else converted."""
+    return values if isinstance(values, array) and values.typecode == "f" else array("f", values)
+
+
+def _extend_zeros(values: array, n: int) -> None:
+    values.frombytes(bytes(values.itemsize * n))  # n zeros: 0.0 is all zero bits
 
 
 class _Renderer:

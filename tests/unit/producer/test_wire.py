@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import struct
 
 import msgspec
@@ -31,8 +32,10 @@ def test_logprobs_travel_as_little_endian_float32_and_come_back_as_floats() -> N
     assert wire_choice[0] == "choice"
     assert wire_choice[2] == struct.pack("<5f", *sent)
     received = first_choice(decode_groups(payload)).logprobs
-    assert type(received) is list and received == as_float32(sent)
-    assert received == pytest.approx(sent, rel=1e-6)
+    # Decoded as an array("f"): the floats never become Python objects on the way to a tensor.
+    assert isinstance(received, array.array) and received.typecode == "f"
+    assert received.tolist() == as_float32(sent)
+    assert list(received) == pytest.approx(sent, rel=1e-6)
 
 
 def test_encoding_leaves_the_callers_records_alone() -> None:
@@ -52,7 +55,12 @@ def test_float32_exact_logprobs_round_trip_unchanged() -> None:
         choice = trajectory.choices()[0]
         choice.logprobs = as_float32(choice.logprobs)
 
-    assert decode_groups(encode_groups(groups)) == groups
+    decoded = decode_groups(encode_groups(groups))
+
+    assert [c.logprobs.tolist() for t in decoded[0].trajectories for c in t.choices()] == [
+        c.logprobs for t in groups[0].trajectories for c in t.choices()
+    ]
+    assert encode_groups(decoded) == encode_groups(groups)  # and they go on as they came
 
 
 def test_packed_logprobs_are_smaller_than_msgpack_doubles() -> None:
@@ -76,7 +84,7 @@ def test_a_payload_with_float_lists_still_decodes() -> None:
 def test_a_choice_accepts_packed_logprobs() -> None:
     choice = Choice(token_ids=[1, 2], logprobs=struct.pack("<2f", -0.5, -2.0))
 
-    assert choice.logprobs == [-0.5, -2.0]
+    assert choice.logprobs == array.array("f", [-0.5, -2.0])
 
 
 def test_packed_logprobs_of_a_broken_length_are_refused_naming_where() -> None:
