@@ -3,8 +3,9 @@
 For each payload size (0.1, 1, 10, 50 MB of msgpack, driven by the sampled
 token count) the same groups are trained two ways, interleaved job by job:
 
-    queue      ``await QueueBackend.train(...)``: validate + encode + SET payload
-               + Celery send, worker GET + decode + ``Trainer.train`` (which validates)
+    queue      ``await QueueBackend.train(...)``: encode (``encode_groups`` validates as it
+               packs) + SET payload + Celery send, worker GET + decode + ``Trainer.train``
+               (which validates again)
                + record + pub/sub notify, read the result (wall, submit to result)
     in-process ``Trainer.train`` on the same tiny model in this process
 
@@ -66,10 +67,17 @@ BUDGET = 2048
 TARGET_1MB_MS = 25.0
 TARGET_10MB_FRACTION = 0.02
 
-Encode = Callable[[list[TrajectoryGroup]], bytes]
-# The wire before encode_groups packed logprobs as float32 (msgpack doubles); workers still read it.
-WIRES: dict[str, Encode] = {"float32": encode_groups, "float64": msgspec.msgpack.encode}
-HOPS = ("validate", "encode", "set", "get", "decode")
+Encode = Callable[..., bytes]
+
+
+def encode_float64(groups: list[TrajectoryGroup], *, allow_missing_logprobs: bool = False) -> bytes:
+    """The wire before session 3, which workers still read: validate, then msgpack doubles."""
+    validate_groups(groups, allow_missing_logprobs=allow_missing_logprobs)
+    return msgspec.msgpack.encode(groups)
+
+
+WIRES: dict[str, Encode] = {"float32": encode_groups, "float64": encode_float64}
+HOPS = ("encode", "set", "get", "decode")  # encode: the producer's validation included
 
 
 @dataclass
@@ -103,8 +111,6 @@ def hop_breakdown(groups: list[TrajectoryGroup], redis_url: str, reps: int,
     client = redis.Redis.from_url(redis_url)
     times: dict[str, list[float]] = {k: [] for k in HOPS}
     for _ in range(reps):
-        t0 = time.perf_counter()
-        validate_groups(groups)
         t1 = time.perf_counter()
         payload = encode(groups)
         t2 = time.perf_counter()
@@ -114,7 +120,7 @@ def hop_breakdown(groups: list[TrajectoryGroup], redis_url: str, reps: int,
         t4 = time.perf_counter()
         decode_groups(fetched)
         t5 = time.perf_counter()
-        for name, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+        for name, dt in zip(times, (t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
             times[name].append(dt)
     client.delete("trainq:bench:payload")
     client.close()
@@ -181,18 +187,18 @@ async def main_async(args: argparse.Namespace) -> None:
     hop_rows = []
     for size, hops in breakdown.items():
         samples = results[(size, "no-signal")][0]
-        # The worker validates inside Trainer.train, i.e. inside train_s: one validate is overhead.
-        payload_hops = sum(hops[k] for k in ("validate", "encode", "set", "get", "decode"))
+        # The worker validates inside Trainer.train, i.e. inside train_s: the producer's is overhead.
+        payload_hops = sum(hops[k] for k in HOPS)
         hop_rows.append([
-            f"{size:g} MB", *(f"{hops[k] * 1e3:.1f}" for k in ("validate", "encode", "set", "get", "decode")),
+            f"{size:g} MB", *(f"{hops[k] * 1e3:.1f}" for k in HOPS),
             f"{payload_hops * 1e3:.1f}", f"{median(samples.overhead) * 1e3:.1f}",
             f"{(median(samples.overhead) - payload_hops) * 1e3:.1f}",
         ])
-    print_table(["payload", "validate", "encode", "SET", "GET", "decode", "sum", "overhead",
+    print_table(["payload", "validate+encode", "SET", "GET", "decode", "sum", "overhead",
                  "rest"], hop_rows)
     print()
     print("the same groups (the content of a 1 MB job with float64 logprobs) on each wire, interleaved job by job:")
-    print_table(["wire", "MB", "tokens", "n", "overhead ms", "p99 ms", "validate", "encode", "SET", "GET", "decode"],
+    print_table(["wire", "MB", "tokens", "n", "overhead ms", "p99 ms", "validate+encode", "SET", "GET", "decode"],
                 wire_rows)
     print()
     one = results.get((1, "no-signal")) or results.get((1, "train"))
