@@ -86,7 +86,9 @@ def segment_attention(
             return _per_sequence(attend, query, key, value, row_segments(position_ids)), None
         if attention_mask is None or _read_once("padding", attention_mask, _is_right_padded):
             return attend(query, key, value), None
-    # Decoding with a KV cache, or left padding: the explicit mask sdpa would get from transformers.
+    elif query.shape[2] == 1 and (attention_mask is None or _read_once("no padding", attention_mask, _has_no_padding)):
+        return attend(query, key, value), None  # one new token sees every cached one (sdpa: no causal mask at 1)
+    # Decoding a padded batch, or left padding: the explicit mask sdpa would get from transformers.
     return attend(query, key, value, _explicit_mask(attention_mask, query.shape[2], key.shape[2], query.device)), None
 
 
@@ -107,6 +109,10 @@ def _per_sequence(attend: Callable[..., Tensor], query: Tensor, key: Tensor, val
 def _is_right_padded(attention_mask: Tensor) -> bool:
     mask = attention_mask.bool()
     return not bool((mask[:, 1:] & ~mask[:, :-1]).any())  # once a row's mask turns 0 it stays 0
+
+
+def _has_no_padding(attention_mask: Tensor) -> bool:
+    return bool(attention_mask.bool().all())
 
 
 def _explicit_mask(padding: Tensor | None, q_len: int, k_len: int, device: torch.device) -> Tensor:

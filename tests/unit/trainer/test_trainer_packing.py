@@ -103,13 +103,15 @@ def test_segment_attention_equals_sdpa_with_left_padding_and_when_generating(tin
     with torch.no_grad():
         logits = [m(input_ids=ids, attention_mask=mask, use_cache=False).logits for m in (ours, reference)]
         torch.testing.assert_close(logits[0][mask.bool()], logits[1][mask.bool()], rtol=1e-5, atol=1e-5)
-        # Greedy decoding runs every step through the KV cache, against the padded prompt.
-        generated = [m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
-                                pad_token_id=0, output_scores=True, return_dict_in_generate=True)
-                     for m in (ours, reference)]
-    assert torch.equal(generated[0].sequences, generated[1].sequences)
-    torch.testing.assert_close(torch.stack(generated[0].scores), torch.stack(generated[1].scores),
-                               rtol=1e-4, atol=1e-4)
+        # Greedy decoding runs every step through the KV cache: against the padded prompt (an
+        # explicit mask), and with no padding (the new token sees every cached one, no mask).
+        for prompt_mask in (mask, torch.ones_like(mask)):
+            generated = [m.generate(input_ids=ids, attention_mask=prompt_mask, max_new_tokens=6, do_sample=False,
+                                    pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+                         for m in (ours, reference)]
+            assert torch.equal(generated[0].sequences, generated[1].sequences)
+            torch.testing.assert_close(torch.stack(generated[0].scores), torch.stack(generated[1].scores),
+                                       rtol=1e-4, atol=1e-4)
 
 
 def test_row_segments_start_where_positions_restart():
