@@ -481,7 +481,7 @@ def _packed_logprobs(values: Sequence[float] | bytes, at: str) -> bytes:
 def _logprobs_in_range(values: Sequence[float] | bytes, packed: bytes | None) -> bool:
     """Every logprob finite and <= 0; ``packed``: the same values as little-endian float32."""
     if packed is None and isinstance(values, array.array) and values.typecode == "f":
-        packed = (_swapped(values) if _BIG_ENDIAN else values).tobytes()  # a decoded choice's
+        packed = _pack_float32(values)  # a decoded choice's: a copy of its bytes
     if packed is not None and _float32_all_negative(packed):
         return True
     if type(values) is bytes:
