@@ -44,7 +44,7 @@ class InferenceSettings(ServiceSettings):
     compile_lora: bool = Field(
         False,
         description="On vLLM's CPU build, compile the model with LoRA on (LoRA layers as one opaque op, "
-        "inference_worker/vllm_lora_compile.py): ~1.3-1.4x the rollout tokens/s for ~70 s more at each vLLM start.",
+        "inference_worker/vllm_lora_compile.py): ~1.2x the rollout tokens/s for ~55 s more at each vLLM start.",
     )
     vllm_args: str = Field(
         "", description="Extra arguments for vLLM's api_server, shell-quoted, e.g. '--enforce-eager --dtype float32'."

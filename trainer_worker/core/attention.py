@@ -12,9 +12,10 @@ rows then trained 1.78x faster than under the mask, and as fast as padded
 
 Right-padded rows (the ``padded`` layout, one sequence each) need no mask at
 all: causality already keeps every real token from seeing the padding after
-it, and what the padding positions compute is never trained. Anything else
-(decoding with a KV cache, left padding) gets the explicit causal-and-padding
-mask transformers' sdpa would have built.
+it, and what the padding positions compute is never trained. A decode step
+(one new token, a KV cache) of an unpadded batch needs none either; anything
+else (decoding a padded batch, left padding) gets the explicit
+causal-and-padding mask transformers' sdpa would have built.
 
 Registered with transformers as ``ATTENTION``, with a mask function that
 hands the 2D padding mask through as it came: a model loaded with
