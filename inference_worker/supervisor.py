@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 
-from inference_worker import vllm_plugin
+from inference_worker import vllm_lora_kernel, vllm_plugin
 from inference_worker.metrics import InferenceMetrics
 from inference_worker.settings import InferenceSettings
 from inference_worker.vllm_client import VLLMClient, VLLMError
@@ -65,6 +65,7 @@ def vllm_env(settings: InferenceSettings) -> dict[str, str]:
     env[vllm_plugin.ENABLE_FLAG] = "1"
     env[vllm_plugin.GROUPED_LORA_FLAG] = "1" if settings.grouped_lora else "0"
     env[vllm_plugin.FUSED_LORA_FLAG] = "1" if settings.fused_lora else "0"
+    env[vllm_lora_kernel.KERNEL_FLAG] = "1" if settings.lora_kernel else "0"
     env[vllm_plugin.COMPILED_LORA_FLAG] = "1" if settings.compile_lora else "0"
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gib))
     if (os.cpu_count() or 1) <= _SMALL_MACHINE_CPUS:

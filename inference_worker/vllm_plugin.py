@@ -39,6 +39,17 @@ the punica wrapper's contract have it; vLLM-CPU's gather would give them
 the last slot's adapter in a batch that mixes them with adapter rows.
 ``--no-fused-lora`` keeps vLLM's per-slice method over the grouped kernels.
 
+**Each layer's update in one C call.** With the slices fused, an adapter
+still cost ~20 us of torch dispatch per layer call on a decode step's one to
+eight rows (casts, two matmuls, an add, for a few thousand multiply-adds),
+120 calls a step of SmolLM2-135M, and on a prompt's thousands of rows three
+passes over float32 intermediates as wide as the layer's output. lora_rows.c
+(built for this CPU on first use, vllm_lora_kernel.py) applies the layer in
+one call with the same formula and roundings, reading each slot's fused
+weights, the sums in registers, and shares a prompt's rows out between
+threads. Where it cannot be built, or for activations other than bfloat16,
+torch's ops serve; ``--no-lora-kernel`` keeps them for every batch.
+
 **A batch of prompt-logprobs requests through LoRA.** vLLM-CPU's engine died
 on it (a shape mismatch in ``add_lora_logits``); for adapters without an
 ``lm_head`` update, which is every trainq adapter, ``add_lora_logits`` below
@@ -58,6 +69,8 @@ from __future__ import annotations
 import logging
 import os
 from typing import TYPE_CHECKING
+
+from inference_worker import vllm_lora_kernel
 
 if TYPE_CHECKING:  # tensor methods only at run time: the inference worker imports this module without torch
     import torch
@@ -121,6 +134,8 @@ def _use_grouped_lora_kernels() -> None:
     _replace_method(wrapper_cls, "add_lora_linear", fused_add_lora_linear)
     log.info("trainq: vLLM-CPU LoRA uses one matmul per adapter, one shrink and one expand per layer (%s=1)",
              GROUPED_LORA_FLAG)
+    if vllm_lora_kernel.load() is not None:  # built now (once per machine), not on the first request
+        log.info("trainq: LoRA layers go through lora_rows.c (%s=1)", vllm_lora_kernel.KERNEL_FLAG)
 
 
 def _survive_prompt_logprobs_batches() -> None:
@@ -248,22 +263,31 @@ def row_groups(indices: torch.Tensor) -> list[tuple[int, slice | torch.Tensor]]:
     return groups
 
 
-def _step_row_groups(wrapper: object, indices: torch.Tensor) -> list[tuple[int, slice | torch.Tensor]]:
-    """``row_groups`` of the wrapper's token indices, once per metadata update rather than once per layer."""
-    if indices.is_inference():  # no version counter to key on
-        return row_groups(indices)
-    key = (indices._version, indices.data_ptr(), indices.numel())
-    cached = getattr(wrapper, "_trainq_row_groups", None)
+def _step_rows(wrapper: object) -> tuple[torch.Tensor, list[tuple[int, slice | torch.Tensor]]]:
+    """The wrapper's token indices and their ``row_groups``, once per metadata update rather than once per layer.
+
+    Keyed on the version counter of the buffer ``token_lora_indices`` slices
+    (every metadata update writes it in place) and the batch's length; read
+    straight from the buffer, as the property makes a new view on each call.
+    """
+    buffer = getattr(wrapper, "_token_lora_indices", None)
+    lengths = getattr(wrapper, "indices_len", None)
+    if buffer is None or lengths is None or buffer.is_inference():  # another layout, or nothing to key on
+        indices = wrapper.token_lora_indices  # type: ignore[attr-defined]
+        return indices, row_groups(indices)
+    key = (buffer._version, buffer.data_ptr(), lengths[0])
+    cached = getattr(wrapper, "_trainq_step_rows", None)
     if cached is None or cached[0] != key:
-        cached = (key, row_groups(indices))
-        wrapper._trainq_row_groups = cached  # type: ignore[attr-defined]
-    return cached[1]
+        indices = buffer[: lengths[0]]
+        cached = (key, indices, row_groups(indices))
+        wrapper._trainq_step_rows = cached  # type: ignore[attr-defined]
+    return cached[1], cached[2]
 
 
 class _FusedLayer:
     """One LoRA layer's slices, fused per adapter slot, valid while its tensors' version counters stay put.
 
-    Per slot: ``shrink`` is ``(in, n*r)``, every slice's ``A.T`` side by side;
+    Per slot: ``shrink`` is ``(n*r, in)``, every slice's ``A`` stacked;
     ``expand`` is ``(n*r, sum(out))``, block-diagonal: rows ``i*r:(i+1)*r``
     hold slice ``i``'s ``B.T`` at that slice's output columns, zeros
     elsewhere, so one matmul writes every slice where ``add_expand`` would and
@@ -271,10 +295,11 @@ class _FusedLayer:
     vLLM's padded ``max_lora_rank``: the padding's rows and columns are zero
     and only add zeros. Both float32 (the bf16 weights cast exactly): on CPUs
     without AMX a float32 matmul of these shapes is several times faster than
-    a bfloat16 one. Slots are built on first use.
+    a bfloat16 one. Slots are built on first use, and handed to ``kernel``
+    (lora_rows.c, None where it could not be built) as they are.
     """
 
-    __slots__ = ("a", "b", "slots", "tensors", "versions")
+    __slots__ = ("a", "b", "kernel", "slots", "tensors", "versions")
 
     def __init__(self, a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> None:
         self.a = a  # held, so that the id the cache is keyed on cannot be reused while cached
@@ -282,6 +307,10 @@ class _FusedLayer:
         self.tensors = (*a, *b)
         self.versions = [t._version for t in self.tensors]
         self.slots: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        library = vllm_lora_kernel.load()
+        count, _, max_rank, width = a[0].shape
+        self.kernel = None if library is None else vllm_lora_kernel.RowsKernel(
+            library, width, tuple(t.shape[2] for t in b), count, max_rank)
 
     def current(self) -> bool:
         """Whether no tensor of the layer was written since the slots were built (vLLM writes adapters in place)."""
@@ -298,13 +327,15 @@ class _FusedLayer:
             for a_slice, b_slice in zip(a, b):
                 used |= (a_slice != 0).any(dim=1) | (b_slice != 0).any(dim=0)
             rank = max(int(used.nonzero().max()) + 1 if used.any() else 0, 1)
-            shrink = torch.cat([t[:rank] for t in a], dim=0).to(torch.float32).T.contiguous()  # (in, n*rank)
+            shrink = torch.cat([t[:rank] for t in a], dim=0).to(torch.float32).contiguous()  # (n*rank, in)
             expand = shrink.new_zeros((len(b) * rank, sum(t.shape[0] for t in b)))
             offset = 0
             for i, b_slice in enumerate(b):
                 expand[i * rank : (i + 1) * rank, offset : offset + b_slice.shape[0]] = b_slice[:, :rank].T
                 offset += b_slice.shape[0]
             self.slots[slot] = (shrink, expand)
+            if self.kernel is not None:
+                self.kernel.set_slot(slot, shrink.data_ptr(), expand.data_ptr(), rank)
         return self.slots[slot]
 
 
@@ -350,25 +381,31 @@ def fused_add_lora_linear(
     ``buffer``, or a weight layout other than vLLM's stacked one, goes to
     vLLM's own method.
     """
-    import torch
-
-    x2 = x.view(-1, x.shape[-1])
-    y2 = y.view(-1, y.shape[-1])
-    indices = self.token_lora_indices  # type: ignore[attr-defined]
+    x2 = x if x.dim() == 2 else x.view(-1, x.shape[-1])  # a view costs ~1 us; decode steps count them
+    y2 = y if y.dim() == 2 else y.view(-1, y.shape[-1])
     fused = None
-    if buffer is None and indices.numel() == x2.shape[0]:
-        groups = _step_row_groups(self, indices)
-        if not groups:  # no row has an adapter
-            return
-        fused = _fused_layer(self, lora_a_stacked, lora_b_stacked, output_slices)
+    if buffer is None:
+        indices, groups = _step_rows(self)
+        if indices.numel() == x2.shape[0]:
+            if not groups:  # no row has an adapter
+                return
+            fused = _fused_layer(self, lora_a_stacked, lora_b_stacked, output_slices)
     if fused is None:
         self._trainq_vllm_add_lora_linear(  # type: ignore[attr-defined]
             y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer, **kwargs
         )
         return
-    width = sum(output_slices)
-    target = y2 if width == y2.shape[1] else y2[:, :width]
+    if not _apply_rows_kernel(fused, groups, x2, y2, indices, scale):
+        _apply_torch_ops(fused, groups, x2, y2, scale, sum(output_slices))
+
+
+def _apply_torch_ops(fused: _FusedLayer, groups: list[tuple[int, slice | torch.Tensor]], x2: torch.Tensor,
+                     y2: torch.Tensor, scale: float, width: int) -> None:
+    """The update with torch's ops: per adapter slot, one float32 shrink and one expand into the first ``width`` columns."""
+    import torch
+
     rows_total = x2.shape[0]
+    target = y2 if width == y2.shape[1] else y2[:, :width]
     for slot, rows in groups:
         shrink, expand = fused.weights(slot)
         if isinstance(rows, slice):
@@ -376,7 +413,7 @@ def fused_add_lora_linear(
             x_rows = x2 if whole else x2[rows]
         else:
             x_rows = x2.index_select(0, rows)
-        hidden = x_rows.to(torch.float32) @ shrink  # (rows, n*r), vLLM's float32 buffer
+        hidden = x_rows.to(torch.float32) @ shrink.T  # (rows, n*r), vLLM's float32 buffer
         if scale != 1.0:
             hidden.mul_(scale)
         if y2.dtype != torch.float32:  # vLLM's expand takes the buffer in y's dtype
@@ -388,3 +425,21 @@ def fused_add_lora_linear(
             target += delta
         else:
             target[rows] += delta
+
+
+def _apply_rows_kernel(fused: _FusedLayer, groups: list[tuple[int, slice | torch.Tensor]], x2: torch.Tensor,
+                       y2: torch.Tensor, indices: torch.Tensor, scale: float) -> bool:
+    """The update through lora_rows.c, in one call; False (nothing done) where it does not apply."""
+    import torch
+
+    kernel = fused.kernel
+    if kernel is None or x2.dtype != torch.bfloat16 or y2.dtype != torch.bfloat16 or indices.dtype != torch.int64:
+        return False
+    if x2.stride(1) != 1 or y2.stride(1) != 1 or not indices.is_contiguous():
+        return False
+    if x2.shape[1] != kernel.in_features or y2.shape[1] < kernel.width:  # torch's ops name the mismatch
+        return False
+    for slot, _ in groups:  # every slot a row names is built, so handed to the kernel
+        fused.weights(slot)
+    kernel(x2.data_ptr(), x2.stride(0), x2.shape[0], y2.data_ptr(), y2.stride(0), indices.data_ptr(), scale)
+    return True

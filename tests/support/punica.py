@@ -19,7 +19,7 @@ LORA_IDS = [1, 2, 3, None]  # slot -> adapter id; the last slot is free, as -1 r
 
 def punica_wrapper(token_ids: tuple[int, ...], lora_index_to_id: list[int | None] = LORA_IDS):  # type: ignore[no-untyped-def]
     punica_cpu = pytest.importorskip("vllm.lora.punica_wrapper.punica_cpu")
-    wrapper = punica_cpu.PunicaWrapperCPU(max_num_batched_tokens=64, max_batches=16, device="cpu")
+    wrapper = punica_cpu.PunicaWrapperCPU(max_num_batched_tokens=max(64, len(token_ids)), max_batches=16, device="cpu")
     # The fused method's fallback, as register() leaves it on the class.
     wrapper._trainq_vllm_add_lora_linear = punica_cpu.PunicaWrapperCPU.add_lora_linear.__get__(wrapper)
     set_mapping(wrapper, token_ids, lora_index_to_id)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from inference_worker import vllm_plugin
+from inference_worker import vllm_lora_kernel, vllm_plugin
 from tests.support.punica import (
     HIDDEN,
     LAYOUTS,
@@ -138,7 +138,8 @@ def test_register_keeps_vllms_add_lora_linear_for_the_ab_run(monkeypatch: pytest
 
 @pytest.mark.parametrize("grouped_lora", [True, False])
 @pytest.mark.parametrize("fused_lora", [True, False])
-def test_the_supervisor_tells_vllm_which_kernels_to_use(grouped_lora: bool, fused_lora: bool,
+@pytest.mark.parametrize("lora_kernel", [True, False])
+def test_the_supervisor_tells_vllm_which_kernels_to_use(grouped_lora: bool, fused_lora: bool, lora_kernel: bool,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     from inference_worker.settings import InferenceSettings
     from inference_worker.supervisor import vllm_env
@@ -146,11 +147,12 @@ def test_the_supervisor_tells_vllm_which_kernels_to_use(grouped_lora: bool, fuse
     monkeypatch.setenv(vllm_plugin.GROUPED_LORA_FLAG, "1")  # a stale value in the worker's environment is overridden
     monkeypatch.setenv(vllm_plugin.FUSED_LORA_FLAG, "1")
     settings = InferenceSettings(redis_url="redis://127.0.0.1:1/0", base_model="m", checkpoint_root="/tmp",
-                                 grouped_lora=grouped_lora, fused_lora=fused_lora)
+                                 grouped_lora=grouped_lora, fused_lora=fused_lora, lora_kernel=lora_kernel)
     env = vllm_env(settings)
     assert env[vllm_plugin.ENABLE_FLAG] == "1"
     assert env[vllm_plugin.GROUPED_LORA_FLAG] == ("1" if grouped_lora else "0")
     assert env[vllm_plugin.FUSED_LORA_FLAG] == ("1" if fused_lora else "0")
+    assert env[vllm_lora_kernel.KERNEL_FLAG] == ("1" if lora_kernel else "0")
 
 
 def test_the_command_without_lora_leaves_every_lora_flag_out() -> None:
@@ -179,9 +181,34 @@ def _both(wrapper, a, b, slices, x, y):  # type: ignore[no-untyped-def]
     return expected, got
 
 
+@pytest.fixture(params=["kernel", "torch"])
+def rows_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Each test twice: through lora_rows.c (the default), then through torch's ops (no kernel built).
+
+    Returns what each call of ``_apply_rows_kernel`` returned (True: the kernel did the layer).
+    """
+    taken: list[bool] = []
+    if request.param == "torch":
+        monkeypatch.setattr(vllm_lora_kernel, "load", lambda: None)
+        return taken
+    assert vllm_lora_kernel.load() is not None, "lora_rows.c did not build: is a C compiler (cc) installed?"
+    apply = vllm_plugin._apply_rows_kernel
+
+    def spy(*args: object) -> bool:
+        taken.append(apply(*args))  # type: ignore[arg-type]
+        return taken[-1]
+
+    monkeypatch.setattr(vllm_plugin, "_apply_rows_kernel", spy)
+    return taken
+
+
+def _took_the_kernel(rows_path: list[bool]) -> bool:
+    return bool(rows_path) and all(rows_path)
+
+
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("mapping", list(MAPPINGS))
-def test_fused_add_lora_linear_matches_vllm(layout: str, mapping: str) -> None:
+def test_fused_add_lora_linear_matches_vllm(layout: str, mapping: str, rows_path: list[bool]) -> None:
     torch.manual_seed(3)
     slices = LAYOUTS[layout]
     token_ids = MAPPINGS[mapping]
@@ -193,9 +220,10 @@ def test_fused_add_lora_linear_matches_vllm(layout: str, mapping: str) -> None:
     torch.testing.assert_close(got, expected)
     if mapping != "base only":
         assert not torch.equal(got, y)  # the adapter did something
+        assert _took_the_kernel(rows_path) or not rows_path
 
 
-def test_fused_add_lora_linear_follows_new_adapter_weights_and_new_batches() -> None:
+def test_fused_add_lora_linear_follows_new_adapter_weights_and_new_batches(rows_path: list[bool]) -> None:
     """Cached fused weights and row groups are rebuilt when vLLM writes a slot or a new mapping in place."""
     torch.manual_seed(4)
     slices = LAYOUTS["qkv"]
@@ -217,9 +245,10 @@ def test_fused_add_lora_linear_follows_new_adapter_weights_and_new_batches() -> 
     y = torch.zeros(len(token_ids), sum(slices), dtype=torch.bfloat16)
     expected, got = _both(wrapper, a, b, slices, x, y)
     torch.testing.assert_close(got, expected)
+    assert _took_the_kernel(rows_path) or not rows_path
 
 
-def test_fused_add_lora_linear_leaves_rows_without_an_adapter_alone() -> None:
+def test_fused_add_lora_linear_leaves_rows_without_an_adapter_alone(rows_path: list[bool]) -> None:
     """Index -1 is "no adapter", even when the last slot holds one (vLLM-CPU's gather would read that slot)."""
     torch.manual_seed(5)
     slices = LAYOUTS["gate_up"]
@@ -237,6 +266,96 @@ def test_fused_add_lora_linear_leaves_rows_without_an_adapter_alone() -> None:
     adapter_rows = torch.tensor([0, 1, 4])
     torch.testing.assert_close(got[adapter_rows], expected[adapter_rows])
     assert not torch.equal(expected[base_rows], y[base_rows])  # what vLLM-CPU's own path does to them
+
+
+def test_the_rows_kernel_reads_strided_rows_scales_and_leaves_columns_past_the_slices_alone(
+        rows_path: list[bool]) -> None:
+    """x a column slice of a wider tensor (row stride > in), y wider than the layer's slices, a scale != 1."""
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    torch.manual_seed(7)
+    slices = LAYOUTS["qkv"]
+    wrapper = punica_wrapper(MAPPINGS["mixed"])
+    a, b = stacked_weights(slices)
+    rows = len(MAPPINGS["mixed"])
+    x = torch.randn(rows, HIDDEN + 24, dtype=torch.bfloat16)[:, 5 : 5 + HIDDEN]
+    y = torch.randn(rows, sum(slices) + 7, dtype=torch.bfloat16)
+    expected, got = y.clone(), y.clone()
+    PunicaWrapperCPU.add_lora_linear(wrapper, expected[:, : sum(slices)], x, a, b, 0.5, slices)
+    vllm_plugin.fused_add_lora_linear(wrapper, got, x, a, b, 0.5, slices)
+    torch.testing.assert_close(got, expected)
+    assert torch.equal(got[:, sum(slices) :], y[:, sum(slices) :])
+    assert _took_the_kernel(rows_path) or not rows_path
+
+
+def test_the_rows_kernel_rounds_as_torchs_ops_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bit for bit on all but a sliver of outputs (the float32 sums add in another order), NaN rows alike.
+
+    A rounding other than to nearest-even, of the shrink result or of the
+    sum, would change about half of them. 600 rows: split between threads.
+    """
+    assert vllm_lora_kernel.load() is not None, "lora_rows.c did not build: is a C compiler (cc) installed?"
+    torch.manual_seed(8)
+    slices = LAYOUTS["gate_up"]
+    token_ids = (1,) * 200 + (0,) * 100 + (2,) * 150 + (3,) * 150
+    a, b = stacked_weights(slices)
+    x = torch.randn(len(token_ids), HIDDEN) * torch.logspace(-3, 3, len(token_ids))[:, None]
+    x = x.to(torch.bfloat16)
+    x[7, 3] = float("nan")
+    y = torch.randn(len(token_ids), sum(slices), dtype=torch.bfloat16) * 4
+    by_kernel, by_torch = y.clone(), y.clone()
+    vllm_plugin.fused_add_lora_linear(punica_wrapper(token_ids), by_kernel, x, a, b, 1.0, slices)
+    monkeypatch.setattr(vllm_lora_kernel, "load", lambda: None)
+    vllm_plugin.fused_add_lora_linear(punica_wrapper(token_ids), by_torch, x, a, b, 1.0, slices)
+    assert by_kernel[7].isnan().all() and by_torch[7].isnan().all()
+    assert torch.equal(by_kernel[200:300], y[200:300])  # the base model's rows
+    differ = (by_kernel != by_torch) & ~by_torch.isnan()
+    assert differ.float().mean() < 0.005, f"{int(differ.sum())} of {differ.numel()} outputs differ"
+    torch.testing.assert_close(by_kernel, by_torch, equal_nan=True)
+
+
+def test_float32_activations_go_through_torch(rows_path: list[bool]) -> None:
+    torch.manual_seed(9)
+    slices = LAYOUTS["o"]
+    wrapper = punica_wrapper(MAPPINGS["one adapter"])
+    a, b = stacked_weights(slices)
+    x = torch.randn(9, HIDDEN)
+    expected, got = _both(wrapper, a, b, slices, x, torch.randn(9, HIDDEN))
+    torch.testing.assert_close(got, expected)
+    assert True not in rows_path  # the kernel declined (or was not there)
+
+
+@pytest.mark.parametrize("mismatch", ["x one column wider", "y narrower than the slices"])
+def test_shapes_that_disagree_with_the_layer_never_reach_the_kernel(rows_path: list[bool], mismatch: str) -> None:
+    """C reads and writes where the addresses say: a shape error must come from torch, not from memory."""
+    torch.manual_seed(11)
+    slices = LAYOUTS["qkv"]
+    wrapper = punica_wrapper(MAPPINGS["one adapter"])
+    a, b = stacked_weights(slices)
+    wide = mismatch.startswith("x")
+    x = torch.randn(9, HIDDEN + wide, dtype=torch.bfloat16)
+    y = torch.randn(9, sum(slices) - (not wide), dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError):
+        vllm_plugin.fused_add_lora_linear(wrapper, y, x, a, b, 1.0, slices)
+    assert True not in rows_path
+
+
+def test_a_wrapper_without_vllms_index_buffer_still_gets_its_rows() -> None:
+    """Another vLLM layout: the rows come from the ``token_lora_indices`` property, as they used to."""
+    torch.manual_seed(10)
+    slices = LAYOUTS["qkv"]
+    wrapper = punica_wrapper(MAPPINGS["mixed"])
+    a, b = stacked_weights(slices)
+    x = torch.randn(len(MAPPINGS["mixed"]), HIDDEN, dtype=torch.bfloat16)
+    y = torch.randn(x.shape[0], sum(slices), dtype=torch.bfloat16)
+    expected, _ = _both(wrapper, a, b, slices, x, y)
+
+    class OtherLayout:
+        token_lora_indices = wrapper.token_lora_indices
+
+    got = y.clone()
+    vllm_plugin.fused_add_lora_linear(OtherLayout(), got, x, a, b, 1.0, slices)
+    torch.testing.assert_close(got, expected)
 
 
 def test_fused_add_lora_linear_hands_other_layouts_to_vllm() -> None:
