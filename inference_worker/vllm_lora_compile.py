@@ -58,9 +58,14 @@ def enable() -> bool:
     return True
 
 
-# Not mutating: a mutating custom op goes through vLLM's defunctionalization
-# pass, which names GPU-only ops and fails on the CPU build.
-@torch.library.custom_op("trainq::lora_linear", mutates_args=())
+# Registered with the dispatcher directly rather than through torch.library.custom_op, whose Python
+# wrapper cost ~12 us a call against ~5 (clone included), 120 calls a decode step of SmolLM2-135M.
+# Not mutating: a mutating custom op goes through vLLM's defunctionalization pass, which names
+# GPU-only ops and fails on the CPU build.
+_LIBRARY = torch.library.Library("trainq", "DEF")  # process-wide: the op is defined once, at import
+_LIBRARY.define("lora_linear(Tensor output, Tensor x, int layer) -> Tensor")
+
+
 def lora_linear(output: torch.Tensor, x: torch.Tensor, layer: int) -> torch.Tensor:
     """``output`` plus LoRA layer number ``layer``'s update for ``x``, with the batch's current adapters."""
     module = _LAYERS[layer]
@@ -70,9 +75,12 @@ def lora_linear(output: torch.Tensor, x: torch.Tensor, layer: int) -> torch.Tens
     return result
 
 
-@lora_linear.register_fake
-def _(output: torch.Tensor, x: torch.Tensor, layer: int) -> torch.Tensor:
-    return torch.empty_like(output)
+def _lora_linear_shape(output: torch.Tensor, x: torch.Tensor, layer: int) -> torch.Tensor:
+    return torch.empty_like(output)  # what the tracer sees: a new tensor shaped like output
+
+
+_LIBRARY.impl("lora_linear", lora_linear, "CPU")
+torch.library.register_fake("trainq::lora_linear", _lora_linear_shape, lib=_LIBRARY)
 
 
 def register_layer(layer: Any) -> int:
