@@ -43,9 +43,9 @@ class InferenceSettings(ServiceSettings):
     )
     lora_kernel: bool = Field(
         True,
-        description="With --fused-lora, apply a LoRA layer to a batch of up to 64 rows (decode steps) in one call of "
-        "a C kernel built for this CPU on first use (inference_worker/lora_rows.c, needs a C compiler) instead of "
-        "torch's ops; --no-lora-kernel is the before of bench_rollout.py's A/B.",
+        description="With --fused-lora, apply each LoRA layer in one call of a C kernel built for this CPU on first "
+        "use (inference_worker/lora_rows.c; without a C compiler torch's ops serve) instead of torch's ops; "
+        "--no-lora-kernel is the before of bench_rollout.py's A/B.",
     )
     compile_lora: bool = Field(
         False,
