@@ -425,3 +425,23 @@ def test_an_adapter_that_updates_lm_head_still_gets_vllms_method() -> None:
     vllm_plugin.add_lora_logits(wrapper, y, x, a, b, 1.0)
     torch.testing.assert_close(y, expected)
     assert not torch.equal(y, before)
+
+
+def test_a_zero_lm_head_skips_vllms_method_on_every_step_until_an_adapter_writes_one() -> None:
+    wrapper, x, y, a, b = _logits_case(lm_head_b=0.0)
+    set_mapping(wrapper, (1, 1, 2, 2, 1))  # one row per request, as when sampling
+    calls = []
+    vllms = wrapper._trainq_vllm_add_lora_logits
+    wrapper._trainq_vllm_add_lora_logits = lambda *args, **kwargs: calls.append(1) or vllms(*args, **kwargs)
+    before = y.clone()
+    for _ in range(3):
+        vllm_plugin.add_lora_logits(wrapper, y, x, a, b, 1.0)
+    assert torch.equal(y, before) and not calls
+
+    b[1, 0, :, :4] = 0.5  # an adapter with an lm_head update written into slot 1, in place
+    expected = y.clone()
+    vllms(expected, x, a, b, 1.0)
+    vllm_plugin.add_lora_logits(wrapper, y, x, a, b, 1.0)
+    assert calls == [1]
+    torch.testing.assert_close(y, expected)
+    assert not torch.equal(y, before)
