@@ -23,42 +23,39 @@
 #include <stdlib.h>
 #include <string.h>
 
-static inline float bf16_to_float(uint16_t h) {
-    uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-/* Round to nearest, ties to even; NaN stays NaN (as c10::BFloat16 does). */
-static inline uint16_t float_to_bf16(float f) {
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return (uint16_t)(bits >> 16);
-}
-
-static inline float round_bf16(float f) { return bf16_to_float(float_to_bf16(f)); }
-
-/* Sixteen lanes of the same, as GCC vector extensions: one AVX-512 register, or two or four narrower
- * ones on CPUs without it, with no intrinsics to pick per CPU. */
+/* Sixteen lanes at a time, as GCC vector extensions: one AVX-512 register, or two or four narrower
+ * ones on CPUs without it, with no intrinsics to pick per CPU. A row's last columns, fewer than
+ * sixteen, go through the same code in a zero-padded copy. */
 typedef float f32x16 __attribute__((vector_size(64)));
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
 typedef uint16_t u16x16 __attribute__((vector_size(32)));
 enum { LANES = 16 };
 
-static inline f32x16 load_bf16x16(const uint16_t *p) {
-    u16x16 h;
-    memcpy(&h, p, sizeof h);
+/* Loads and stores of `lanes` (<= LANES) lanes: the whole-vector case is a copy of constant size,
+ * which the compiler makes one vector move; only a row's last few columns take the other branch. */
+#define COPY_LANES(dst, src, lanes, size) \
+    ((lanes) == LANES ? memcpy(dst, src, LANES * (size)) : memcpy(dst, src, (size_t)(lanes) * (size)))
+
+static inline f32x16 load_f32(const float *p, int64_t lanes) {
+    f32x16 f = {0};
+    COPY_LANES(&f, p, lanes, sizeof *p);
+    return f;
+}
+
+static inline void store_f32(float *p, f32x16 f, int64_t lanes) { COPY_LANES(p, &f, lanes, sizeof *p); }
+
+static inline f32x16 load_bf16(const uint16_t *p, int64_t lanes) {
+    u16x16 h = {0};
+    COPY_LANES(&h, p, lanes, sizeof *p);
     u32x16 bits = __builtin_convertvector(h, u32x16) << 16;
     f32x16 f;
     memcpy(&f, &bits, sizeof f);
     return f;
 }
 
-/* float_to_bf16 of each lane, left in the low half of its 32 bits. */
-static inline u32x16 bf16_bits_x16(f32x16 f) {
+/* Each lane rounded to bfloat16, nearest and ties to even, NaN kept NaN (as c10::BFloat16 rounds),
+ * its 16 bits left in the low half of the lane. */
+static inline u32x16 bf16_bits(f32x16 f) {
     u32x16 bits;
     memcpy(&bits, &f, sizeof bits);
     u32x16 nan = (u32x16)((bits & 0x7fffffffu) > 0x7f800000u);
@@ -66,16 +63,18 @@ static inline u32x16 bf16_bits_x16(f32x16 f) {
     return (rounded & ~nan) | (0x7fc0u & nan);
 }
 
-static inline f32x16 round_bf16x16(f32x16 f) {
-    u32x16 bits = bf16_bits_x16(f) << 16;
+static inline f32x16 round_bf16(f32x16 f) {
+    u32x16 bits = bf16_bits(f) << 16;
     memcpy(&f, &bits, sizeof f);
     return f;
 }
 
-static inline void store_bf16x16(uint16_t *p, f32x16 f) {
-    u16x16 h = __builtin_convertvector(bf16_bits_x16(f), u16x16);
-    memcpy(p, &h, sizeof h);
+static inline void store_bf16(uint16_t *p, f32x16 f, int64_t lanes) {
+    u16x16 h = __builtin_convertvector(bf16_bits(f), u16x16);
+    COPY_LANES(p, &h, lanes, sizeof *p);
 }
+
+static inline int64_t lanes_from(int64_t c, int64_t n) { return n - c < LANES ? n - c : LANES; }
 
 /* out[j] = a[j] . x for four rows a[j] = a + j * n: four independent sums, which the compiler turns into
  * four vector accumulators, where one sum would wait on its own latency. */
@@ -121,34 +120,24 @@ static void shrink_tile(const trainq_lora_layer *layer, int64_t s, const float *
         for (int64_t u = 0; u < n; u++) dot4(a + k * in, xf + u * in, in, h + u * k_total + k);
     for (; k < k_total; k++)
         for (int64_t u = 0; u < n; u++) h[u * k_total + k] = dot(a + k * in, xf + u * in, in);
-    for (int64_t j = 0; j < n * k_total; j++) h[j] = round_bf16(scale * h[j]);
-}
-
-/* y[:, c] = round(y[:, c] + round(sum_k h[:, k] * e[k, c])) for k < r and LANES columns c: `e`
- * advances by `e_stride` a k, `h` and `y` by `h_stride` and `y_stride` a row. The sums stay in one
- * vector register across the loop over k. expand_tail does the last columns, fewer than LANES. */
-static void expand_lanes(const float *h, int64_t h_stride, int64_t n, int64_t r, const float *e, int64_t e_stride,
-                         uint16_t *y, int64_t y_stride) {
-    for (int64_t u = 0; u < n; u++) {
-        f32x16 sum = {0};
-        for (int64_t k = 0; k < r; k++) {
-            f32x16 e_k;
-            memcpy(&e_k, e + k * e_stride, sizeof e_k);
-            sum += h[u * h_stride + k] * e_k;
-        }
-        uint16_t *y_row = y + u * y_stride;
-        store_bf16x16(y_row, load_bf16x16(y_row) + round_bf16x16(sum));
+    for (int64_t j = 0; j < n * k_total; j += LANES) {
+        int64_t lanes = lanes_from(j, n * k_total);
+        store_f32(h + j, round_bf16(scale * load_f32(h + j, lanes)), lanes);
     }
 }
 
-static void expand_tail(const float *h, int64_t h_stride, int64_t n, int64_t r, const float *e, int64_t e_stride,
-                        uint16_t *y, int64_t y_stride, int64_t lanes) {
-    for (int64_t u = 0; u < n; u++)
-        for (int64_t c = 0; c < lanes; c++) {
-            float sum = 0.0f;
-            for (int64_t k = 0; k < r; k++) sum += h[u * h_stride + k] * e[k * e_stride + c];
-            y[u * y_stride + c] = float_to_bf16(bf16_to_float(y[u * y_stride + c]) + round_bf16(sum));
-        }
+/* y[:, c] = round(y[:, c] + round(sum_k h[:, k] * e[k, c])) for k < r and `lanes` (<= LANES) columns c:
+ * `e` advances by `e_stride` a k, `h` and `y` by `h_stride` and `y_stride` a row. The sums stay in one
+ * vector register across the loop over k. */
+static inline __attribute__((always_inline)) void expand_columns(
+    const float *h, int64_t h_stride, int64_t n, int64_t r, const float *e, int64_t e_stride, uint16_t *y,
+    int64_t y_stride, int64_t lanes) {
+    for (int64_t u = 0; u < n; u++) {
+        f32x16 sum = {0};
+        for (int64_t k = 0; k < r; k++) sum += h[u * h_stride + k] * load_f32(e + k * e_stride, lanes);
+        uint16_t *y_row = y + u * y_stride;
+        store_bf16(y_row, load_bf16(y_row, lanes) + round_bf16(sum), lanes);
+    }
 }
 
 static void expand_tile(const trainq_lora_layer *layer, int64_t s, const float *h, int64_t n, uint16_t *y,
@@ -161,9 +150,10 @@ static void expand_tile(const trainq_lora_layer *layer, int64_t s, const float *
         const float *e = layer->expand[s] + i * r * total_width + offset;  /* slice i's diagonal block */
         const float *h_i = h + i * r;
         int64_t c = 0;
-        for (; c + LANES <= layer->width[i]; c += LANES)
-            expand_lanes(h_i, k_total, n, r, e + c, total_width, y + offset + c, y_stride);
-        expand_tail(h_i, k_total, n, r, e + c, total_width, y + offset + c, y_stride, layer->width[i] - c);
+        for (; c + LANES <= layer->width[i]; c += LANES)  /* LANES a constant here: whole vector moves */
+            expand_columns(h_i, k_total, n, r, e + c, total_width, y + offset + c, y_stride, LANES);
+        if (c < layer->width[i])
+            expand_columns(h_i, k_total, n, r, e + c, total_width, y + offset + c, y_stride, layer->width[i] - c);
     }
 }
 
@@ -182,7 +172,8 @@ int trainq_lora_rows(const trainq_lora_layer *layer, const uint16_t *x, int64_t 
         }
         while (n < TILE_ROWS && t + n < rows && slots[t + n] == s) n++;
         for (int64_t u = 0; u < n; u++)
-            for (int64_t j = 0; j < in; j++) xf[u * in + j] = bf16_to_float(x[(t + u) * x_stride + j]);
+            for (int64_t j = 0; j < in; j += LANES)
+                store_f32(xf + u * in + j, load_bf16(x + (t + u) * x_stride + j, lanes_from(j, in)), lanes_from(j, in));
         shrink_tile(layer, s, xf, n, scale, h);
         expand_tile(layer, s, h, n, y + t * y_stride, y_stride);
         t += n;

@@ -325,6 +325,30 @@ def test_float32_activations_go_through_torch(rows_path: list[bool]) -> None:
     assert True not in rows_path  # the kernel declined (or was not there)
 
 
+def test_widths_that_are_not_whole_vectors(rows_path: list[bool]) -> None:
+    """Input and slice widths off the kernel's 16 lanes: every partial vector (and the tile of 8 rows) is exact."""
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    torch.manual_seed(12)
+    width, slices = 37, (23, 9, 50)
+    token_ids = (1,) * 11 + (0,) * 2 + (2,) * 3
+    wrapper = punica_wrapper(token_ids)
+    a = tuple(torch.zeros(MAX_LORAS, 1, MAX_RANK, width, dtype=torch.bfloat16) for _ in slices)
+    b = tuple(torch.zeros(MAX_LORAS, 1, out, MAX_RANK, dtype=torch.bfloat16) for out in slices)
+    for slot in range(2):
+        for a_slice, b_slice in zip(a, b):
+            a_slice[slot, 0, :5].copy_(torch.randn(5, width) / 4)
+            b_slice[slot, 0, :, :5].copy_(torch.randn(b_slice.shape[2], 5))
+    x = torch.randn(len(token_ids), width, dtype=torch.bfloat16)
+    y = torch.randn(len(token_ids), sum(slices), dtype=torch.bfloat16)
+    expected, got = y.clone(), y.clone()
+    PunicaWrapperCPU.add_lora_linear(wrapper, expected, x, a, b, 1.0, slices)
+    vllm_plugin.fused_add_lora_linear(wrapper, got, x, a, b, 1.0, slices)
+    torch.testing.assert_close(got, expected)
+    assert torch.equal(got[11:13], y[11:13]) and not torch.equal(got, y)
+    assert _took_the_kernel(rows_path) or not rows_path
+
+
 @pytest.mark.parametrize("mismatch", ["x one column wider", "y narrower than the slices"])
 def test_shapes_that_disagree_with_the_layer_never_reach_the_kernel(rows_path: list[bool], mismatch: str) -> None:
     """C reads and writes where the addresses say: a shape error must come from torch, not from memory."""
