@@ -172,8 +172,10 @@ int trainq_lora_rows(const trainq_lora_layer *layer, const uint16_t *x, int64_t 
         }
         while (n < TILE_ROWS && t + n < rows && slots[t + n] == s) n++;
         for (int64_t u = 0; u < n; u++)
-            for (int64_t j = 0; j < in; j += LANES)
-                store_f32(xf + u * in + j, load_bf16(x + (t + u) * x_stride + j, lanes_from(j, in)), lanes_from(j, in));
+            for (int64_t j = 0; j < in; j += LANES) {
+                int64_t lanes = lanes_from(j, in);
+                store_f32(xf + u * in + j, load_bf16(x + (t + u) * x_stride + j, lanes), lanes);
+            }
         shrink_tile(layer, s, xf, n, scale, h);
         expand_tile(layer, s, h, n, y + t * y_stride, y_stride);
         t += n;
