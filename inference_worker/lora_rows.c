@@ -11,21 +11,23 @@
  * the layer (output columns offset_i .. offset_i + width_i):
  *
  *     h      = round(scale * (A_s x_t))            A_s: K x in, K = slices * rank_s
- *     y_t[c] = round(y_t[c] + round(h_i . E_s[:, c]))
+ *     y_t[c] = round(y_t[c] + round(h_i . B_s,i[:, c]))
  *
- * where h_i is slice i's rank_s entries of h, E_s the slot's K x width
- * block-diagonal expand matrix (only its diagonal blocks are read) and round
- * a rounding to bfloat16: the same formula and roundings as vLLM-CPU's
- * kernels and the torch path of vllm_plugin.fused_add_lora_linear, up to the
- * order of float32 additions.
+ * where h_i is slice i's rank_s entries of h, B_s,i slice i's rank_s x width_i
+ * expand matrix and round a rounding to bfloat16: the same formula and
+ * roundings as vLLM-CPU's kernels and the torch path of
+ * vllm_plugin.fused_add_lora_linear, up to the order of float32 additions.
+ *
+ * The weights stay bfloat16, as vLLM holds them: on a decode step every
+ * layer's weights come from memory (the base model's pass in between evicts
+ * them), and float32 copies doubled that traffic.
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 /* Sixteen lanes at a time, as GCC vector extensions: one AVX-512 register, or two or four narrower
- * ones on CPUs without it, with no intrinsics to pick per CPU. A row's last columns, fewer than
- * sixteen, go through the same code in a zero-padded copy. */
+ * ones on CPUs without it, with no intrinsics to pick per CPU. */
 typedef float f32x16 __attribute__((vector_size(64)));
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
 typedef uint16_t u16x16 __attribute__((vector_size(32)));
@@ -44,126 +46,171 @@ static inline f32x16 load_f32(const float *p, int64_t lanes) {
 
 static inline void store_f32(float *p, f32x16 f, int64_t lanes) { COPY_LANES(p, &f, lanes, sizeof *p); }
 
-static inline f32x16 load_bf16(const uint16_t *p, int64_t lanes) {
-    u16x16 h = {0};
-    COPY_LANES(&h, p, lanes, sizeof *p);
+/* Each lane rounded to bfloat16, nearest and ties to even, NaN kept NaN, as c10::BFloat16 rounds. CPUs
+ * with AVX512-BF16 have an instruction for it (one where the portable code takes a dozen), which also
+ * flushes denormals (below 1.2e-38) to zero: no LoRA update of a language model comes near them. */
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+
+static inline u16x16 to_bf16(f32x16 f) {
+    __m256bh packed = _mm512_cvtneps_pbh((__m512)f);
+    u16x16 h;
+    memcpy(&h, &packed, sizeof h);
+    return h;
+}
+#else
+static inline u16x16 to_bf16(f32x16 f) {
+    u32x16 bits;
+    memcpy(&bits, &f, sizeof bits);
+    u32x16 nan = (u32x16)((bits & 0x7fffffffu) > 0x7f800000u);
+    u32x16 rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+    return __builtin_convertvector((rounded & ~nan) | (0x7fc0u & nan), u16x16);
+}
+#endif
+
+static inline f32x16 widen(u16x16 h) {
     u32x16 bits = __builtin_convertvector(h, u32x16) << 16;
     f32x16 f;
     memcpy(&f, &bits, sizeof f);
     return f;
 }
 
-/* Each lane rounded to bfloat16, nearest and ties to even, NaN kept NaN (as c10::BFloat16 rounds),
- * its 16 bits left in the low half of the lane. */
-static inline u32x16 bf16_bits(f32x16 f) {
-    u32x16 bits;
-    memcpy(&bits, &f, sizeof bits);
-    u32x16 nan = (u32x16)((bits & 0x7fffffffu) > 0x7f800000u);
-    u32x16 rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
-    return (rounded & ~nan) | (0x7fc0u & nan);
-}
+static inline f32x16 round_bf16(f32x16 f) { return widen(to_bf16(f)); }
 
-static inline f32x16 round_bf16(f32x16 f) {
-    u32x16 bits = bf16_bits(f) << 16;
-    memcpy(&f, &bits, sizeof f);
-    return f;
+static inline f32x16 load_bf16(const uint16_t *p, int64_t lanes) {
+    u16x16 h = {0};
+    COPY_LANES(&h, p, lanes, sizeof *p);
+    return widen(h);
 }
 
 static inline void store_bf16(uint16_t *p, f32x16 f, int64_t lanes) {
-    u16x16 h = __builtin_convertvector(bf16_bits(f), u16x16);
+    u16x16 h = to_bf16(f);
     COPY_LANES(p, &h, lanes, sizeof *p);
 }
 
 static inline int64_t lanes_from(int64_t c, int64_t n) { return n - c < LANES ? n - c : LANES; }
 
-/* out[j] = a[j] . x for four rows a[j] = a + j * n: four independent sums, which the compiler turns into
- * four vector accumulators, where one sum would wait on its own latency. */
-static void dot4(const float *a, const float *x, int64_t n, float *out) {
-    const float *a0 = a, *a1 = a + n, *a2 = a + 2 * n, *a3 = a + 3 * n;
-    float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-    for (int64_t i = 0; i < n; i++) {
-        s0 += a0[i] * x[i];
-        s1 += a1[i] * x[i];
-        s2 += a2[i] * x[i];
-        s3 += a3[i] * x[i];
-    }
-    out[0] = s0, out[1] = s1, out[2] = s2, out[3] = s3;
+static inline int64_t padded(int64_t n) { return (n + LANES - 1) / LANES * LANES; }
+
+/* `rows` rows of `n` bfloat16 values as float32, each padded with zeros to whole vectors (rows of
+ * padded(n)): the dot products below run over whole vectors only, the padding adding exact zeros. */
+static void widen_rows(const uint16_t *src, int64_t src_stride, int64_t rows, int64_t n, float *dst) {
+    const int64_t n_p = padded(n);
+    for (int64_t u = 0; u < rows; u++)
+        for (int64_t j = 0; j < n_p; j += LANES)
+            store_f32(dst + u * n_p + j, load_bf16(src + u * src_stride + j, lanes_from(j, n)), LANES);
 }
 
-static float dot(const float *a, const float *x, int64_t n) {
+static inline float sum_lanes(f32x16 v) {
     float s = 0.0f;
-    for (int64_t i = 0; i < n; i++) s += a[i] * x[i];
+    for (int i = 0; i < LANES; i++) s += v[i];
     return s;
 }
 
 /* What stays put between calls for one layer (vllm_lora_kernel._Layer mirrors it). */
 typedef struct {
-    int64_t in;                 /* columns of x */
+    int64_t in;                    /* columns of x */
     int64_t slices;
-    const int64_t *width;       /* per slice: its output columns, side by side in y */
-    const float *const *shrink; /* per slot: K x in, row-major */
-    const float *const *expand; /* per slot: K x sum(width), row-major, block-diagonal */
-    const int64_t *rank;        /* per slot */
-    int64_t max_k;              /* the largest K a slot can have: slices x vLLM's max rank */
+    const int64_t *width;          /* per slice: its output columns, side by side in y */
+    const uint16_t *const *shrink; /* per slot: K x in, bfloat16, row-major */
+    const uint16_t *const *expand; /* per slot: rank x sum(width), bfloat16: slice i's B^T at its columns */
+    const int64_t *rank;           /* per slot */
+    int64_t max_k;                 /* the largest K a slot can have: slices x vLLM's max rank */
 } trainq_lora_layer;
 
 /* A tile is up to TILE_ROWS consecutive rows of one slot: each block of the slot's weights is read once
- * per tile rather than once per row (an expand matrix of a 135M model is ~100 KB, past L1). */
-enum { TILE_ROWS = 8 };
+ * per tile rather than once per row. */
+enum { TILE_ROWS = 8, SHRINK_BLOCK = 4 };
 
+/* h[u][k] = round(scale * A[k] . x[u]) for the tile's n rows (xf: n padded float32 rows). Four rows of A,
+ * widened once per tile into af, against two rows of x at a time: eight sums in registers, six vector
+ * loads for eight multiply-adds. */
 static void shrink_tile(const trainq_lora_layer *layer, int64_t s, const float *xf, int64_t n, float scale,
-                        float *h) {
-    const int64_t in = layer->in, k_total = layer->slices * layer->rank[s];
-    const float *a = layer->shrink[s];
-    int64_t k = 0;
-    for (; k + 4 <= k_total; k += 4)  /* four rows of A, ~9 KB, read from L1 by every row of the tile */
-        for (int64_t u = 0; u < n; u++) dot4(a + k * in, xf + u * in, in, h + u * k_total + k);
-    for (; k < k_total; k++)
-        for (int64_t u = 0; u < n; u++) h[u * k_total + k] = dot(a + k * in, xf + u * in, in);
+                        float *af, float *h) {
+    const int64_t in = layer->in, in_p = padded(in), k_total = layer->slices * layer->rank[s];
+    for (int64_t k = 0; k < k_total; k += SHRINK_BLOCK) {
+        const int64_t block = k_total - k < SHRINK_BLOCK ? k_total - k : SHRINK_BLOCK;
+        widen_rows(layer->shrink[s] + k * in, in, block, in, af);
+        memset(af + block * in_p, 0, sizeof(float) * (size_t)((SHRINK_BLOCK - block) * in_p));
+        for (int64_t u = 0; u < n; u += 2) {
+            const float *x0 = xf + u * in_p, *x1 = u + 1 < n ? x0 + in_p : x0;  /* an odd last row twice */
+            f32x16 s0[SHRINK_BLOCK] = {{0}}, s1[SHRINK_BLOCK] = {{0}};
+            for (int64_t j = 0; j < in_p; j += LANES) {
+                f32x16 v0 = load_f32(x0 + j, LANES), v1 = load_f32(x1 + j, LANES);
+                for (int q = 0; q < SHRINK_BLOCK; q++) {
+                    f32x16 a = load_f32(af + q * in_p + j, LANES);
+                    s0[q] += a * v0;
+                    s1[q] += a * v1;
+                }
+            }
+            for (int64_t q = 0; q < block; q++) {
+                h[u * k_total + k + q] = sum_lanes(s0[q]);
+                if (u + 1 < n) h[(u + 1) * k_total + k + q] = sum_lanes(s1[q]);
+            }
+        }
+    }
     for (int64_t j = 0; j < n * k_total; j += LANES) {
         int64_t lanes = lanes_from(j, n * k_total);
         store_f32(h + j, round_bf16(scale * load_f32(h + j, lanes)), lanes);
     }
 }
 
-/* y[:, c] = round(y[:, c] + round(sum_k h[:, k] * e[k, c])) for k < r and `lanes` (<= LANES) columns c:
- * `e` advances by `e_stride` a k, `h` and `y` by `h_stride` and `y_stride` a row. The sums stay in one
- * vector register across the loop over k. */
+/* y[u][c] = round(y[u][c] + round(sum_k h[u][k] * e[k][c])) for the tile's N rows, k < r and `lanes`
+ * (<= LANES) columns c: `e` advances by `e_stride` a k, `h` and `y` by `h_stride` and `y_stride` a row.
+ * Each row's sums stay in a register across the loop over k, and each vector of e is loaded once for all
+ * N rows (N a constant where this is inlined: see expand_tile). */
 static inline __attribute__((always_inline)) void expand_columns(
-    const float *h, int64_t h_stride, int64_t n, int64_t r, const float *e, int64_t e_stride, uint16_t *y,
+    const float *h, int64_t h_stride, int64_t N, int64_t r, const uint16_t *e, int64_t e_stride, uint16_t *y,
     int64_t y_stride, int64_t lanes) {
-    for (int64_t u = 0; u < n; u++) {
-        f32x16 sum = {0};
-        for (int64_t k = 0; k < r; k++) sum += h[u * h_stride + k] * load_f32(e + k * e_stride, lanes);
+    f32x16 sum[TILE_ROWS] = {{0}};
+    for (int64_t k = 0; k < r; k++) {
+        f32x16 e_k = load_bf16(e + k * e_stride, lanes);
+        for (int64_t u = 0; u < N; u++) sum[u] += h[u * h_stride + k] * e_k;
+    }
+    for (int64_t u = 0; u < N; u++) {
         uint16_t *y_row = y + u * y_stride;
-        store_bf16(y_row, load_bf16(y_row, lanes) + round_bf16(sum), lanes);
+        store_bf16(y_row, load_bf16(y_row, lanes) + round_bf16(sum[u]), lanes);
     }
 }
 
-static void expand_tile(const trainq_lora_layer *layer, int64_t s, const float *h, int64_t n, uint16_t *y,
-                        int64_t y_stride) {
-    const int64_t slices = layer->slices, r = layer->rank[s], k_total = slices * r;
+static inline __attribute__((always_inline)) void expand_rows(const trainq_lora_layer *layer, int64_t s,
+                                                              const float *h, int64_t N, uint16_t *y,
+                                                              int64_t y_stride) {
+    const int64_t r = layer->rank[s], k_total = layer->slices * r;
     int64_t total_width = 0;
-    for (int64_t i = 0; i < slices; i++) total_width += layer->width[i];
-    int64_t offset = 0;
-    for (int64_t i = 0; i < slices; offset += layer->width[i], i++) {
-        const float *e = layer->expand[s] + i * r * total_width + offset;  /* slice i's diagonal block */
+    for (int64_t i = 0; i < layer->slices; i++) total_width += layer->width[i];
+    const uint16_t *e = layer->expand[s];
+    for (int64_t i = 0, offset = 0; i < layer->slices; offset += layer->width[i], i++) {
         const float *h_i = h + i * r;
-        int64_t c = 0;
-        for (; c + LANES <= layer->width[i]; c += LANES)  /* LANES a constant here: whole vector moves */
-            expand_columns(h_i, k_total, n, r, e + c, total_width, y + offset + c, y_stride, LANES);
-        if (c < layer->width[i])
-            expand_columns(h_i, k_total, n, r, e + c, total_width, y + offset + c, y_stride, layer->width[i] - c);
+        const int64_t end = offset + layer->width[i];
+        int64_t c = offset;
+        for (; c + LANES <= end; c += LANES)  /* LANES a constant here: whole vector moves */
+            expand_columns(h_i, k_total, N, r, e + c, total_width, y + c, y_stride, LANES);
+        if (c < end) expand_columns(h_i, k_total, N, r, e + c, total_width, y + c, y_stride, end - c);
     }
 }
+
+/* One copy of expand_rows per row count, so that each keeps its N sums in registers. */
+static void expand_tile(const trainq_lora_layer *layer, int64_t s, const float *h, int64_t n, uint16_t *y,
+                        int64_t y_stride) {
+    switch (n) {
+#define EXPAND_CASE(N) \
+    case N: expand_rows(layer, s, h, N, y, y_stride); break;
+        EXPAND_CASE(1) EXPAND_CASE(2) EXPAND_CASE(3) EXPAND_CASE(4)
+        EXPAND_CASE(5) EXPAND_CASE(6) EXPAND_CASE(7) EXPAND_CASE(8)
+#undef EXPAND_CASE
+    }
+}
+
+_Static_assert(TILE_ROWS == 8, "expand_tile has a case for each row count of a tile");
 
 /* Returns 0, or -1 (nothing written) when its scratch memory cannot be allocated. */
 int trainq_lora_rows(const trainq_lora_layer *layer, const uint16_t *x, int64_t x_stride, int64_t rows,
                      uint16_t *y, int64_t y_stride, const int64_t *slots, float scale) {
-    const int64_t in = layer->in;
-    float *xf = malloc(sizeof(float) * (size_t)(TILE_ROWS * (in + layer->max_k)));
+    const int64_t in_p = padded(layer->in);
+    float *xf = malloc(sizeof(float) * (size_t)((TILE_ROWS + SHRINK_BLOCK) * in_p + TILE_ROWS * layer->max_k));
     if (xf == NULL) return -1;
-    float *h = xf + TILE_ROWS * in;
+    float *af = xf + TILE_ROWS * in_p, *h = af + SHRINK_BLOCK * in_p;
     for (int64_t t = 0; t < rows;) {
         int64_t s = slots[t], n = 1;
         if (s < 0) {
@@ -171,12 +218,8 @@ int trainq_lora_rows(const trainq_lora_layer *layer, const uint16_t *x, int64_t 
             continue;
         }
         while (n < TILE_ROWS && t + n < rows && slots[t + n] == s) n++;
-        for (int64_t u = 0; u < n; u++)
-            for (int64_t j = 0; j < in; j += LANES) {
-                int64_t lanes = lanes_from(j, in);
-                store_f32(xf + u * in + j, load_bf16(x + (t + u) * x_stride + j, lanes), lanes);
-            }
-        shrink_tile(layer, s, xf, n, scale, h);
+        widen_rows(x + t * x_stride, x_stride, n, layer->in, xf);
+        shrink_tile(layer, s, xf, n, scale, af, h);
         expand_tile(layer, s, h, n, y + t * y_stride, y_stride);
         t += n;
     }

@@ -85,7 +85,8 @@ class RowsKernel:
         self.in_features, self.width = in_features, sum(widths)
 
     def set_slot(self, slot: int, shrink_address: int, expand_address: int, rank: int) -> None:
-        """Slot ``slot``'s fused weights: float32 ``(n*rank, in)`` and ``(n*rank, sum(widths))``, contiguous."""
+        """Slot ``slot``'s fused weights, bfloat16, contiguous: every slice's A stacked, ``(n*rank, in)``, and
+        each slice's B.T side by side, ``(rank, sum(widths))``."""
         _, shrink, expand, ranks = self._arrays
         shrink[slot], expand[slot], ranks[slot] = shrink_address, expand_address, rank
 
@@ -147,21 +148,27 @@ def load() -> ctypes.CDLL | None:
         return None
     compiler = os.environ.get("CC", "cc")
     try:
-        library = ctypes.CDLL(str(_build(compiler)))
+        library = open_library(_build(compiler))
     except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:  # RuntimeError: no home directory
         detail = getattr(exc, "stderr", None) or exc
         log.warning("trainq: LoRA rows kernel unavailable, torch ops serve every batch (%s)", detail)
         return None
+    return library
+
+
+def open_library(path: Path) -> ctypes.CDLL:
+    """A build of lora_rows.c, its function's argument types declared (ctypes converts the arguments by them)."""
+    library = ctypes.CDLL(str(path))
     function = library.trainq_lora_rows
     function.argtypes = ARGTYPES
     function.restype = ctypes.c_int
     return library
 
 
-def _build(compiler: str) -> Path:
+def _build(compiler: str, flags: tuple[str, ...] = CFLAGS) -> Path:
     source = SOURCE.read_bytes()
     version = subprocess.run([compiler, "--version"], capture_output=True, check=True, text=True).stdout
-    key = hashlib.sha256(b"\0".join([source, " ".join(CFLAGS).encode(), version.encode(), _cpu_flags()]))
+    key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(), _cpu_flags()]))
     cache_dir = Path(os.environ.get("TRAINQ_KERNEL_CACHE", Path.home() / ".cache" / "trainq" / "kernels"))
     target = cache_dir / f"lora_rows-{key.hexdigest()[:16]}.so"
     if target.exists():
@@ -170,7 +177,7 @@ def _build(compiler: str) -> Path:
     fd, partial = tempfile.mkstemp(dir=cache_dir, suffix=".so.partial")
     os.close(fd)
     try:
-        subprocess.run([compiler, *CFLAGS, "-o", partial, str(SOURCE)], capture_output=True, check=True, text=True)
+        subprocess.run([compiler, *flags, "-o", partial, str(SOURCE)], capture_output=True, check=True, text=True)
         os.replace(partial, target)
     finally:
         if os.path.exists(partial):

@@ -301,29 +301,36 @@ def _step_rows(wrapper: object) -> tuple[torch.Tensor, list[tuple[int, slice | t
 class _FusedLayer:
     """One LoRA layer's slices, fused per adapter slot, valid while its tensors' version counters stay put.
 
-    Per slot: ``shrink`` is ``(n*r, in)``, every slice's ``A`` stacked;
-    ``expand`` is ``(n*r, sum(out))``, block-diagonal: rows ``i*r:(i+1)*r``
-    hold slice ``i``'s ``B.T`` at that slice's output columns, zeros
-    elsewhere, so one matmul writes every slice where ``add_expand`` would and
-    adds exact zeros to the others. ``r`` is the slot's adapter rank, not
-    vLLM's padded ``max_lora_rank``: the padding's rows and columns are zero
-    and only add zeros. Both float32 (the bf16 weights cast exactly): on CPUs
-    without AMX a float32 matmul of these shapes is several times faster than
-    a bfloat16 one. Slots are built on first use, and handed to ``kernel``
-    (lora_rows.c, None where it could not be built) as they are.
+    Per slot, for torch's ops: ``shrink`` is ``(n*r, in)``, every slice's
+    ``A`` stacked; ``expand`` is ``(n*r, sum(out))``, block-diagonal: rows
+    ``i*r:(i+1)*r`` hold slice ``i``'s ``B.T`` at that slice's output columns,
+    zeros elsewhere, so one matmul writes every slice where ``add_expand``
+    would and adds exact zeros to the others. ``r`` is the slot's adapter
+    rank, not vLLM's padded ``max_lora_rank``: the padding's rows and columns
+    are zero and only add zeros. Both float32 (the bf16 weights cast exactly):
+    on CPUs without AMX a float32 matmul of these shapes is several times
+    faster than a bfloat16 one. ``kernel`` (lora_rows.c; None where it could
+    not be built or the weights are not bfloat16) gets its own copies instead,
+    kept bfloat16 (half the bytes it reads each step): the same stacked
+    ``shrink`` and, per slice, ``B.T`` side by side, ``(r, sum(out))``. Slots
+    are built on first use.
     """
 
-    __slots__ = ("a", "b", "kernel", "slots", "tensors", "versions")
+    __slots__ = ("a", "b", "kernel", "kernel_slots", "slots", "tensors", "versions")
 
     def __init__(self, a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> None:
+        import torch
+
         self.a = a  # held, so that the id the cache is keyed on cannot be reused while cached
         self.b = b
         self.tensors = (*a, *b)
         self.versions = [t._version for t in self.tensors]
         self.slots: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.kernel_slots: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         library = vllm_lora_kernel.load()
         count, _, max_rank, width = a[0].shape
-        self.kernel = None if library is None else vllm_lora_kernel.RowsKernel(
+        bf16 = all(t.dtype == torch.bfloat16 for t in self.tensors)  # the kernel's copies are the weights as they are
+        self.kernel = None if library is None or not bf16 else vllm_lora_kernel.RowsKernel(
             library, width, tuple(t.shape[2] for t in b), count, max_rank)
 
     def current(self) -> bool:
@@ -331,26 +338,42 @@ class _FusedLayer:
         return [t._version for t in self.tensors] == self.versions
 
     def weights(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(shrink, expand)`` of one slot."""
+        """``(shrink, expand)`` of one slot for torch's ops: float32, the expand block-diagonal."""
         if slot not in self.slots:
             import torch
 
-            a = [t[slot, 0] for t in self.a]  # (max_rank, in) each
-            b = [t[slot, 0] for t in self.b]  # (out_i, max_rank) each
-            used = torch.zeros(a[0].shape[0], dtype=torch.bool)
-            for a_slice, b_slice in zip(a, b):
-                used |= (a_slice != 0).any(dim=1) | (b_slice != 0).any(dim=0)
-            rank = max(int(used.nonzero().max()) + 1 if used.any() else 0, 1)
-            shrink = torch.cat([t[:rank] for t in a], dim=0).to(torch.float32).contiguous()  # (n*rank, in)
-            expand = shrink.new_zeros((len(b) * rank, sum(t.shape[0] for t in b)))
+            a, b, rank = self._slot(slot)
+            shrink = torch.cat(a, dim=0).to(torch.float32).contiguous()  # (n*rank, in)
+            expand = shrink.new_zeros((len(b) * rank, sum(t.shape[1] for t in b)))
             offset = 0
-            for i, b_slice in enumerate(b):
-                expand[i * rank : (i + 1) * rank, offset : offset + b_slice.shape[0]] = b_slice[:, :rank].T
-                offset += b_slice.shape[0]
+            for i, b_t in enumerate(b):
+                expand[i * rank : (i + 1) * rank, offset : offset + b_t.shape[1]] = b_t
+                offset += b_t.shape[1]
             self.slots[slot] = (shrink, expand)
-            if self.kernel is not None:
-                self.kernel.set_slot(slot, shrink.data_ptr(), expand.data_ptr(), rank)
         return self.slots[slot]
+
+    def hand_to_kernel(self, slot: int) -> None:
+        """Give ``kernel`` slot ``slot``'s weights (bfloat16: stacked A, and each slice's B.T side by side)."""
+        if slot not in self.kernel_slots:
+            import torch
+
+            a, b, rank = self._slot(slot)
+            shrink = torch.cat(a, dim=0).contiguous()  # (n*rank, in)
+            expand = torch.cat(b, dim=1).contiguous()  # (rank, sum(out))
+            self.kernel_slots[slot] = (shrink, expand)  # held: the kernel reads them by address
+            self.kernel.set_slot(slot, shrink.data_ptr(), expand.data_ptr(), rank)  # type: ignore[union-attr]
+
+    def _slot(self, slot: int) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
+        """Slot ``slot``'s ``A`` (``(rank, in)``) and ``B.T`` (``(rank, out_i)``) per slice, cut to its rank."""
+        import torch
+
+        a = [t[slot, 0] for t in self.a]  # (max_rank, in) each
+        b = [t[slot, 0] for t in self.b]  # (out_i, max_rank) each
+        used = torch.zeros(a[0].shape[0], dtype=torch.bool)
+        for a_slice, b_slice in zip(a, b):
+            used |= (a_slice != 0).any(dim=1) | (b_slice != 0).any(dim=0)
+        rank = max(int(used.nonzero().max()) + 1 if used.any() else 0, 1)
+        return [t[:rank] for t in a], [t[:, :rank].T for t in b], rank
 
 
 def _fused_layer(wrapper: object, lora_a_stacked: tuple[torch.Tensor, ...], lora_b_stacked: tuple[torch.Tensor, ...],
@@ -453,7 +476,7 @@ def _apply_rows_kernel(fused: _FusedLayer, groups: list[tuple[int, slice | torch
         return False
     if x2.shape[1] != kernel.in_features or y2.shape[1] < kernel.width:  # torch's ops name the mismatch
         return False
-    for slot, _ in groups:  # every slot a row names is built, so handed to the kernel
-        fused.weights(slot)
+    for slot, _ in groups:  # every slot a row names is handed to the kernel
+        fused.hand_to_kernel(slot)
     kernel(x2.data_ptr(), x2.stride(0), x2.shape[0], y2.data_ptr(), y2.stride(0), indices.data_ptr(), scale)
     return True

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -288,13 +290,8 @@ def test_the_rows_kernel_reads_strided_rows_scales_and_leaves_columns_past_the_s
     assert _took_the_kernel(rows_path) or not rows_path
 
 
-def test_the_rows_kernel_rounds_as_torchs_ops_do(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Bit for bit on all but a sliver of outputs (the float32 sums add in another order), NaN rows alike.
-
-    A rounding other than to nearest-even, of the shrink result or of the
-    sum, would change about half of them. 600 rows: split between threads.
-    """
-    assert vllm_lora_kernel.load() is not None, "lora_rows.c did not build: is a C compiler (cc) installed?"
+def _rounding_case() -> tuple[tuple[int, ...], tuple[int, ...], tuple, tuple, torch.Tensor, torch.Tensor]:  # type: ignore[type-arg]
+    """600 rows (split between threads) of gate_up over six decades, a NaN in row 7, 100 base rows."""
     torch.manual_seed(8)
     slices = LAYOUTS["gate_up"]
     token_ids = (1,) * 200 + (0,) * 100 + (2,) * 150 + (3,) * 150
@@ -303,6 +300,17 @@ def test_the_rows_kernel_rounds_as_torchs_ops_do(monkeypatch: pytest.MonkeyPatch
     x = x.to(torch.bfloat16)
     x[7, 3] = float("nan")
     y = torch.randn(len(token_ids), sum(slices), dtype=torch.bfloat16) * 4
+    return token_ids, slices, a, b, x, y
+
+
+def test_the_rows_kernel_rounds_as_torchs_ops_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bit for bit on all but a sliver of outputs (the float32 sums add in another order), NaN rows alike.
+
+    A rounding other than to nearest-even, of the shrink result or of the
+    sum, would change about half of them.
+    """
+    assert vllm_lora_kernel.load() is not None, "lora_rows.c did not build: is a C compiler (cc) installed?"
+    token_ids, slices, a, b, x, y = _rounding_case()
     by_kernel, by_torch = y.clone(), y.clone()
     vllm_plugin.fused_add_lora_linear(punica_wrapper(token_ids), by_kernel, x, a, b, 1.0, slices)
     monkeypatch.setattr(vllm_lora_kernel, "load", lambda: None)
@@ -312,6 +320,24 @@ def test_the_rows_kernel_rounds_as_torchs_ops_do(monkeypatch: pytest.MonkeyPatch
     differ = (by_kernel != by_torch) & ~by_torch.isnan()
     assert differ.float().mean() < 0.005, f"{int(differ.sum())} of {differ.numel()} outputs differ"
     torch.testing.assert_close(by_kernel, by_torch, equal_nan=True)
+
+
+def test_cpus_without_a_bfloat16_instruction_round_alike(monkeypatch: pytest.MonkeyPatch) -> None:
+    """lora_rows.c rounds with AVX512-BF16's instruction where the CPU has it, else with its own code: same bits."""
+    if b"avx512_bf16" not in vllm_lora_kernel._cpu_flags():
+        pytest.skip("this CPU has no AVX512-BF16: the other tests run the portable rounding")
+    library = vllm_lora_kernel.load()
+    assert library is not None, "lora_rows.c did not build: is a C compiler (cc) installed?"
+    portable = vllm_lora_kernel.open_library(vllm_lora_kernel._build(
+        os.environ.get("CC", "cc"), (*vllm_lora_kernel.CFLAGS, "-mno-avx512bf16")))
+    token_ids, slices, a, b, x, y = _rounding_case()
+    outputs = []
+    for build in (library, portable):
+        monkeypatch.setattr(vllm_lora_kernel, "load", lambda build=build: build)
+        outputs.append(y.clone())
+        vllm_plugin.fused_add_lora_linear(punica_wrapper(token_ids), outputs[-1], x, a, b, 1.0, slices)
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0, equal_nan=True)
+    assert not torch.equal(outputs[0][:200], y[:200])  # the adapter did change the rows
 
 
 def test_float32_activations_go_through_torch(rows_path: list[bool]) -> None:
