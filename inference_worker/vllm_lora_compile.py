@@ -15,6 +15,13 @@ kernels, vllm_plugin.py) eagerly, on the mapping of the step being run. The
 graph around it (base projections, attention, norms) is compiled with the
 mode vLLM-CPU uses without LoRA.
 
+Where a C++ compiler can build against torch's headers, the graph calls
+``trainq_rows::lora_linear`` instead (lora_op.cpp, vllm_lora_kernel.load_op):
+the same update, but the layer's call into lora_rows.c made from C++ for as
+long as the step and the layer this op last published (``_publish``) hold,
+and this op otherwise. Python's ~10 us around each of a decode step's 120
+calls was about as much as the kernel's arithmetic.
+
 The cost is the compilation at each start (~70 s for SmolLM2-135M on 2 CPUs:
 vLLM 0.32's compile cache did not load back here), so it is opt-in:
 ``--compile-lora`` on the inference worker (``TRAINQ_VLLM_COMPILED_LORA=1``).
@@ -27,12 +34,18 @@ from typing import Any
 
 import torch  # only vLLM's processes import this module (vllm_plugin.register)
 
+from inference_worker import vllm_lora_kernel, vllm_plugin
+
 log = logging.getLogger("vllm.plugins.trainq")
 
 __all__ = ["enable", "lora_linear", "register_layer"]
 
 # Every LoRA linear layer this process built, by the number its graph calls the op with.
 _LAYERS: list[Any] = []
+# What the graph calls: trainq_rows::lora_linear once lora_op.cpp is loaded (enable), else trainq::lora_linear.
+_op: Any = None
+# The (buffer, version, rows) of the step last handed to trainq_rows, so that it is handed over once.
+_published_step: tuple[int, int, int] | None = None
 
 
 def enable() -> bool:
@@ -50,6 +63,7 @@ def enable() -> bool:
     layer_cls = base_linear.BaseLinearLayerWithLoRA
     if getattr(layer_cls, "_trainq_compiled", False):
         return True
+    _use_rows_op(vllm_lora_kernel.load_op())
     _keep_compilation(cpu_platform.CpuPlatform, CompilationMode.DYNAMO_TRACE_ONCE)
     _number_layers(layer_cls)
     layer_cls._apply_lora_to_output = _apply_lora_to_output
@@ -72,6 +86,8 @@ def lora_linear(output: torch.Tensor, x: torch.Tensor, layer: int) -> torch.Tens
     result = output.clone()
     module.punica_wrapper.add_lora_linear(result, x, module.lora_a_stacked, module.lora_b_stacked, 1.0,
                                           module.output_slices)
+    if _op is not _PYTHON_OP:
+        _publish(module, layer, x.shape[0])
     return result
 
 
@@ -81,6 +97,42 @@ def _lora_linear_shape(output: torch.Tensor, x: torch.Tensor, layer: int) -> tor
 
 _LIBRARY.impl("lora_linear", lora_linear, "CPU")
 torch.library.register_fake("trainq::lora_linear", _lora_linear_shape, lib=_LIBRARY)
+_PYTHON_OP = _op = torch.ops.trainq.lora_linear.default
+
+
+def _use_rows_op(loaded: bool) -> None:
+    """Route the graph's LoRA layers through trainq_rows::lora_linear, if lora_op.cpp ``loaded``."""
+    global _op
+    if not loaded or _op is not _PYTHON_OP:
+        return
+    torch.library.register_fake("trainq_rows::lora_linear", _lora_linear_shape)  # process-wide, once
+    _op = torch.ops.trainq_rows.lora_linear.default
+    log.info("trainq: the compiled graph's LoRA layers call lora_rows.c from C++ (trainq_rows::lora_linear)")
+
+
+def _publish(module: Any, number: int, rows: int) -> None:
+    """Hand trainq_rows this step and layer ``number``, where the layer's update just went through lora_rows.c.
+
+    Only then: with vLLM's own ``add_lora_linear`` (``--no-fused-lora``), torch's
+    ops, or a batch of ``SPLIT_ROWS`` rows or more, the C++ op keeps calling this one.
+    """
+    global _published_step
+    wrapper = module.punica_wrapper
+    if type(wrapper).add_lora_linear is not vllm_plugin.fused_add_lora_linear or rows >= vllm_lora_kernel.SPLIT_ROWS:
+        return
+    indices, groups = vllm_plugin._step_rows(wrapper)
+    if not groups or indices.numel() != rows or indices.is_inference() or indices.dtype != torch.int64:
+        return
+    fused = vllm_plugin._fused_layer(wrapper, module.lora_a_stacked, module.lora_b_stacked, module.output_slices)
+    if fused is None or fused.kernel is None or any(slot not in fused.kernel_slots for slot, _ in groups):
+        return
+    step = (indices.data_ptr(), indices._version, rows)
+    if step != _published_step:
+        torch.ops.trainq_rows.set_step(indices, indices._version, rows, [slot for slot, _ in groups])
+        _published_step = step
+    kernel = fused.kernel
+    torch.ops.trainq_rows.set_layer(number, kernel.address, kernel.in_features, kernel.width, list(fused.tensors),
+                                    fused.versions, list(fused.kernel_slots))
 
 
 def register_layer(layer: Any) -> int:
@@ -117,7 +169,7 @@ def _apply_lora_to_output(self: Any, x: torch.Tensor, output: torch.Tensor) -> t
     if x.ndim == 3 and output.ndim == 3:  # the transformers backend's (1, tokens, hidden)
         output = output.flatten(0, 1)
         x = x.flatten(0, 1)
-    output = torch.ops.trainq.lora_linear(output, x, self._trainq_layer)
+    output = _op(output, x, self._trainq_layer)
     if original_shape is not None:
         output = output.reshape(original_shape)
     return output

@@ -16,6 +16,12 @@ build writes a temporary file and renames it into place: several vLLM
 processes starting at once each get a whole library. Without a compiler (or
 with ``TRAINQ_VLLM_LORA_KERNEL=0``) ``load`` returns None and torch's ops
 serve.
+
+``load_op`` builds lora_op.cpp the same way with the C++ compiler, against
+the installed torch's headers (~5 s, once per torch version), and loads it
+as ``torch.ops.trainq_rows``: the op a ``--compile-lora`` graph calls, which
+calls this kernel from C++ (vllm_lora_compile.py). Without a C++ compiler
+the graph calls the Python op instead.
 """
 
 from __future__ import annotations
@@ -33,10 +39,11 @@ from pathlib import Path
 
 log = logging.getLogger("vllm.plugins.trainq")
 
-__all__ = ["KERNEL_FLAG", "RowsKernel", "load"]
+__all__ = ["KERNEL_FLAG", "RowsKernel", "load", "load_op"]
 
 KERNEL_FLAG = "TRAINQ_VLLM_LORA_KERNEL"
 SOURCE = Path(__file__).with_name("lora_rows.c")
+OP_SOURCE = Path(__file__).with_name("lora_op.cpp")
 # Reassociating float32 sums lets the compiler vectorize the dot products; nothing else of fast-math.
 CFLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math",
           "-fno-signed-zeros", "-shared", "-fPIC")
@@ -72,7 +79,7 @@ class RowsKernel:
     ``width`` of ``y``): C reads and writes where the addresses say.
     """
 
-    __slots__ = ("_address", "_arrays", "_function", "_layer", "in_features", "width")
+    __slots__ = ("_arrays", "_function", "_layer", "address", "in_features", "width")
 
     def __init__(self, library: ctypes.CDLL, in_features: int, widths: tuple[int, ...], slots: int,
                  max_rank: int) -> None:
@@ -80,7 +87,7 @@ class RowsKernel:
         shrink, expand, rank = (_p * slots)(), (_p * slots)(), (_i64 * slots)()
         self._arrays = (width, shrink, expand, rank)  # the struct points into these
         self._layer = _Layer(in_features, len(widths), width, shrink, expand, rank, len(widths) * max_rank)
-        self._address = ctypes.addressof(self._layer)
+        self.address = ctypes.addressof(self._layer)
         self._function = library.trainq_lora_rows
         self.in_features, self.width = in_features, sum(widths)
 
@@ -114,7 +121,7 @@ class RowsKernel:
                 helper.result()
 
     def _run(self, x: int, x_stride: int, rows: int, y: int, y_stride: int, slots: int, scale: float) -> None:
-        if self._function(self._address, x, x_stride, rows, y, y_stride, slots, scale) != 0:
+        if self._function(self.address, x, x_stride, rows, y, y_stride, slots, scale) != 0:
             raise MemoryError("trainq: lora_rows.c could not allocate its scratch memory")
 
 
@@ -148,7 +155,7 @@ def load() -> ctypes.CDLL | None:
         return None
     compiler = os.environ.get("CC", "cc")
     try:
-        library = open_library(_build(compiler))
+        library = open_library(_build(compiler, SOURCE, CFLAGS))
     except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:  # RuntimeError: no home directory
         detail = getattr(exc, "stderr", None) or exc
         log.warning("trainq: LoRA rows kernel unavailable, torch ops serve every batch (%s)", detail)
@@ -165,24 +172,57 @@ def open_library(path: Path) -> ctypes.CDLL:
     return library
 
 
-def _build(compiler: str, flags: tuple[str, ...] = CFLAGS) -> Path:
-    source = SOURCE.read_bytes()
+@cache
+def load_op() -> bool:
+    """Build lora_op.cpp and load it into torch (``torch.ops.trainq_rows``); False where it cannot (logged once).
+
+    The op calls the kernel ``load`` built, so it needs that too, and a C++
+    compiler (``$CXX``, else ``c++``) that can build against torch's headers.
+    """
+    library = load()
+    if library is None:
+        return False
+    import torch
+
+    torch_dir = Path(torch.__file__).parent
+    abi = int(torch.compiled_with_cxx11_abi())
+    flags = ("-O2", "-std=c++20", "-shared", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{torch_dir / 'include'}")
+    libraries = (f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_dir / 'lib'}")
+    try:  # torch's version in the key: the op is built against its headers
+        built = _build(os.environ.get("CXX", "c++"), OP_SOURCE, flags, libraries, torch.__version__.encode())
+        torch.ops.load_library(str(built))
+    except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:
+        detail = getattr(exc, "stderr", None) or exc
+        log.warning("trainq: LoRA op unavailable, the compiled graph's LoRA layers call Python (%s)", detail)
+        return False
+    address = ctypes.cast(library.trainq_lora_rows, ctypes.c_void_p).value
+    torch.ops.trainq_rows.set_kernel(address, SPLIT_ROWS)  # the op's batches stay below the threads' split
+    return True
+
+
+def _build(compiler: str, source: Path, flags: tuple[str, ...], libraries: tuple[str, ...] = (),
+           key: bytes = b"") -> Path:
+    """``source`` built with ``flags`` and linked with ``libraries`` into the cache, once per source, flags,
+    compiler, CPU and ``key``."""
     version = subprocess.run([compiler, "--version"], capture_output=True, check=True, text=True).stdout
-    key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(), _cpu_flags()]))
+    parts = [source.read_bytes(), " ".join(flags).encode(), " ".join(libraries).encode(), version.encode(),
+             _cpu_flags(), key]
+    digest = hashlib.sha256(b"\0".join(parts))
     cache_dir = Path(os.environ.get("TRAINQ_KERNEL_CACHE", Path.home() / ".cache" / "trainq" / "kernels"))
-    target = cache_dir / f"lora_rows-{key.hexdigest()[:16]}.so"
+    target = cache_dir / f"{source.stem}-{digest.hexdigest()[:16]}.so"
     if target.exists():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
     fd, partial = tempfile.mkstemp(dir=cache_dir, suffix=".so.partial")
     os.close(fd)
     try:
-        subprocess.run([compiler, *flags, "-o", partial, str(SOURCE)], capture_output=True, check=True, text=True)
+        command = [compiler, *flags, "-o", partial, str(source), *libraries]  # libraries after the source that needs them
+        subprocess.run(command, capture_output=True, check=True, text=True)
         os.replace(partial, target)
     finally:
         if os.path.exists(partial):
             os.unlink(partial)
-    log.info("trainq: built the LoRA rows kernel at %s", target)
+    log.info("trainq: built %s at %s", source.name, target)
     return target
 
 

