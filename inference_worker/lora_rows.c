@@ -122,9 +122,26 @@ typedef struct {
  * per tile rather than once per row. */
 enum { TILE_ROWS = 8, SHRINK_BLOCK = 4 };
 
+/* sums[r][q] = af[q] . x[r] for q < SHRINK_BLOCK and r < R, R being 1 or 2 (a constant where this is
+ * inlined, so that the sums stay in registers): R rows of x (padded float32) against four rows of A. */
+static inline __attribute__((always_inline)) void shrink_sums(const float *af, const float *x, int64_t in_p,
+                                                              int64_t R, float sums[2][SHRINK_BLOCK]) {
+    f32x16 s[2][SHRINK_BLOCK] = {{{0}}};
+    for (int64_t j = 0; j < in_p; j += LANES) {
+        f32x16 v[2];
+        for (int64_t r = 0; r < R; r++) v[r] = load_f32(x + r * in_p + j, LANES);
+        for (int q = 0; q < SHRINK_BLOCK; q++) {
+            f32x16 a = load_f32(af + q * in_p + j, LANES);
+            for (int64_t r = 0; r < R; r++) s[r][q] += a * v[r];
+        }
+    }
+    for (int64_t r = 0; r < R; r++)
+        for (int q = 0; q < SHRINK_BLOCK; q++) sums[r][q] = sum_lanes(s[r][q]);
+}
+
 /* h[u][k] = round(scale * A[k] . x[u]) for the tile's n rows (xf: n padded float32 rows). Four rows of A,
- * widened once per tile into af, against two rows of x at a time: eight sums in registers, six vector
- * loads for eight multiply-adds. */
+ * widened once per tile into af, against two rows of x at a time (eight sums in registers, six vector
+ * loads for eight multiply-adds), an odd last row alone. */
 static void shrink_tile(const trainq_lora_layer *layer, int64_t s, const float *xf, int64_t n, float scale,
                         float *af, float *h) {
     const int64_t in = layer->in, in_p = padded(in), k_total = layer->slices * layer->rank[s];
@@ -133,20 +150,14 @@ static void shrink_tile(const trainq_lora_layer *layer, int64_t s, const float *
         widen_rows(layer->shrink[s] + k * in, in, block, in, af);
         memset(af + block * in_p, 0, sizeof(float) * (size_t)((SHRINK_BLOCK - block) * in_p));
         for (int64_t u = 0; u < n; u += 2) {
-            const float *x0 = xf + u * in_p, *x1 = u + 1 < n ? x0 + in_p : x0;  /* an odd last row twice */
-            f32x16 s0[SHRINK_BLOCK] = {{0}}, s1[SHRINK_BLOCK] = {{0}};
-            for (int64_t j = 0; j < in_p; j += LANES) {
-                f32x16 v0 = load_f32(x0 + j, LANES), v1 = load_f32(x1 + j, LANES);
-                for (int q = 0; q < SHRINK_BLOCK; q++) {
-                    f32x16 a = load_f32(af + q * in_p + j, LANES);
-                    s0[q] += a * v0;
-                    s1[q] += a * v1;
-                }
-            }
-            for (int64_t q = 0; q < block; q++) {
-                h[u * k_total + k + q] = sum_lanes(s0[q]);
-                if (u + 1 < n) h[(u + 1) * k_total + k + q] = sum_lanes(s1[q]);
-            }
+            const int64_t pair = u + 1 < n ? 2 : 1;
+            float sums[2][SHRINK_BLOCK];
+            if (pair == 2)
+                shrink_sums(af, xf + u * in_p, in_p, 2, sums);
+            else
+                shrink_sums(af, xf + u * in_p, in_p, 1, sums);
+            for (int64_t r = 0; r < pair; r++)
+                for (int64_t q = 0; q < block; q++) h[(u + r) * k_total + k + q] = sums[r][q];
         }
     }
     for (int64_t j = 0; j < n * k_total; j += LANES) {
