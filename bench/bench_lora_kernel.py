@@ -12,8 +12,16 @@ between as many threads. A
 decode step of SmolLM2 calls the layer 120 times (30 decoder layers x 4):
 the last column is that, per step, for the rows of one step.
 
+A second table times a whole decode step's 120 calls as a ``--compile-lora``
+graph makes them, one op call per layer, 120 distinct layers (each its own
+adapter weights): through ``trainq::lora_linear`` (the Python op: punica
+wrapper, fused layer, ctypes) and through ``trainq_rows::lora_linear``
+(lora_op.cpp: the kernel called from C++ once the step is published), both
+with the weights hot in cache and after a pass over 256 MB between steps
+(the base model's bytes, which evict them in a real step).
+
     python bench/bench_lora_kernel.py                 # rows 1, 8, 64, 512, 3200 (a demo step's prompts)
-    python bench/bench_lora_kernel.py --rows 1 8 16 32 64 128
+    python bench/bench_lora_kernel.py --rows 1 8 16 32 64 128 --step-rows 1 8
 """
 
 from __future__ import annotations
@@ -28,6 +36,8 @@ import torch
 
 from inference_worker import vllm_lora_kernel, vllm_plugin
 from tests.support import punica
+
+SWEEP_BYTES = 256 * 2**20  # about SmolLM2-135M's bf16 weights, read once a step
 
 HIDDEN, MLP, RANK = 576, 1536, 8
 LAYERS = {  # name: (input width, output slices), SmolLM2-135M
@@ -83,9 +93,54 @@ def measure(rows: int, name: str) -> tuple[float, float]:
     return kernel, torch_ops
 
 
+def step_ops(rows: int) -> dict[str, tuple[float, float]]:
+    """Per op: (hot, swept) milliseconds of a decode step's 120 calls on ``rows`` rows, the median of 30 steps."""
+    from types import SimpleNamespace
+
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    from inference_worker import vllm_lora_compile
+
+    punica_cpu.PunicaWrapperCPU.add_lora_linear = vllm_plugin.fused_add_lora_linear  # as register() installs it
+    wrapper = punica.punica_wrapper((1,) * rows)
+    calls = []
+    for _ in range(CALLS_PER_STEP):
+        for width, slices in LAYERS.values():
+            a, b = adapter(width, slices)
+            layer = SimpleNamespace(punica_wrapper=wrapper, lora_a_stacked=a, lora_b_stacked=b, output_slices=slices)
+            x = torch.randn(rows, width, dtype=torch.bfloat16)
+            calls.append((torch.randn(rows, sum(slices), dtype=torch.bfloat16), x, vllm_lora_compile.register_layer(layer)))
+    sweep = torch.zeros(SWEEP_BYTES // 4)
+    results = {}
+    for name in ("python op", "c++ op"):
+        if name == "python op":
+            op = torch.ops.trainq.lora_linear.default
+        elif vllm_lora_kernel.load_op():  # from here on the Python op also publishes what the C++ op reads
+            vllm_lora_compile._use_rows_op(True)
+            op = torch.ops.trainq_rows.lora_linear.default
+        else:
+            continue
+        def step() -> float:
+            started = time.perf_counter()
+            for y, x, number in calls:
+                op(y, x, number)
+            return (time.perf_counter() - started) * 1000
+
+        step()  # builds the fused layers, publishes the step
+        hot = median([step() for _ in range(30)])
+        swept = []
+        for _ in range(30):
+            sweep.add_(1.0)
+            swept.append(step())
+        results[name] = (hot, median(swept))
+    vllm_lora_compile._op = vllm_lora_compile._PYTHON_OP  # the next rows' Python op as the graph had it
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 64, 512, 3200], help="batch rows (tokens) to time")
+    parser.add_argument("--step-rows", type=int, nargs="+", default=[1, 8], help="rows of the decode steps to time")
     args = parser.parse_args()
     if vllm_lora_kernel.load() is None:
         raise SystemExit("lora_rows.c did not build (is a C compiler installed?): nothing to compare")
@@ -107,6 +162,16 @@ def main() -> None:
         table.append([rows, "a step (120 calls)", "", "", f"{per_step['torch'] / per_step['kernel']:.2f}x",
                       f"{per_step['kernel']:.2f} vs {per_step['torch']:.2f}"])
     print_table(["rows", "layer", "kernel us/call", "torch us/call", "speed-up", "ms/step kernel vs torch"], table)
+
+    print(f"\na decode step's {CALLS_PER_STEP * len(LAYERS)} calls of the compiled graph's op, each layer its own "
+          f"adapter; swept: after a pass over {SWEEP_BYTES >> 20} MB (median of 30 steps)\n")
+    table = []
+    for rows in args.step_rows:
+        results = step_ops(rows)
+        python_hot, python_swept = results["python op"]
+        for name, (hot, swept) in results.items():
+            table.append([rows, name, f"{hot:.2f}", f"{swept:.2f}", f"{python_hot / hot:.2f}x", f"{python_swept / swept:.2f}x"])
+    print_table(["rows", "op", "ms/step hot", "ms/step swept", "speed-up hot", "speed-up swept"], table)
 
 
 if __name__ == "__main__":
