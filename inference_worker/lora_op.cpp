@@ -14,7 +14,8 @@
 // and x and the output are what the kernel reads (bfloat16 rows, the layer's widths, fewer rows than
 // the Python side shares out between threads). Otherwise it calls trainq::lora_linear, which does the
 // update and publishes the step and the layer again. The first call of a step, or after vLLM writes an
-// adapter, takes that way; the others stay in C++.
+// adapter, takes that way; the others stay in C++. The published state is process-wide and unguarded:
+// one thread runs the model in each vLLM-CPU worker process, and publishes and reads it.
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
