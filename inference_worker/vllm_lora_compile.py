@@ -68,7 +68,7 @@ def enable() -> bool:
     _number_layers(layer_cls)
     layer_cls._apply_lora_to_output = _apply_lora_to_output
     layer_cls._trainq_compiled = True
-    log.info("trainq: vLLM-CPU compiles the model with LoRA on; LoRA layers are the op trainq::lora_linear")
+    log.info("trainq: vLLM-CPU compiles the model with LoRA on; each LoRA layer is one op (%s)", _op._name)
     return True
 
 
