@@ -107,8 +107,9 @@ at::Tensor lora_linear(const at::Tensor &output, const at::Tensor &x, int64_t nu
     if (kernel == nullptr || number < 0 || number >= static_cast<int64_t>(layers.size()))
         return python_op(output, x, number);
     const Layer &layer = layers[number];
-    if (!step_current(x) || x.size(0) >= max_rows || !layer_current(layer) ||
-        !kernel_reads(x, layer.in_features, false) || !kernel_reads(output, layer.width, true))
+    // The shapes first: C reads and writes where the addresses say.
+    if (!kernel_reads(x, layer.in_features, false) || !kernel_reads(output, layer.width, true) ||
+        output.size(0) != x.size(0) || x.size(0) >= max_rows || !step_current(x) || !layer_current(layer))
         return python_op(output, x, number);
     at::Tensor result = output.clone();
     if (result.stride(1) != 1) return python_op(output, x, number);  // a clone of a strided output

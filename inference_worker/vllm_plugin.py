@@ -474,8 +474,8 @@ def _apply_rows_kernel(fused: _FusedLayer, groups: list[tuple[int, slice | torch
         return False
     if x2.stride(1) != 1 or y2.stride(1) != 1 or not indices.is_contiguous():
         return False
-    if x2.shape[1] != kernel.in_features or y2.shape[1] < kernel.width:  # torch's ops name the mismatch
-        return False
+    if x2.shape[1] != kernel.in_features or y2.shape[1] < kernel.width or y2.shape[0] != x2.shape[0]:
+        return False  # torch's ops name the mismatch
     for slot, _ in groups:  # every slot a row names is handed to the kernel
         fused.hand_to_kernel(slot)
     kernel(x2.data_ptr(), x2.stride(0), x2.shape[0], y2.data_ptr(), y2.stride(0), indices.data_ptr(), scale)

@@ -188,3 +188,14 @@ def test_the_supervisor_asks_for_compilation_only_when_told(monkeypatch: pytest.
     common = {"redis_url": "redis://127.0.0.1:1/0", "base_model": "m", "checkpoint_root": "/tmp"}
     assert vllm_env(InferenceSettings(**common))[vllm_plugin.COMPILED_LORA_FLAG] == "0"
     assert vllm_env(InferenceSettings(**common, compile_lora=True))[vllm_plugin.COMPILED_LORA_FLAG] == "1"
+
+
+def test_the_cpp_op_leaves_an_output_of_other_rows_to_torchs_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """C writes where the addresses say: with the step and layer published, a short output still fails in torch."""
+    rows_op = _rows_op(monkeypatch)
+    torch.manual_seed(11)
+    layer = _layer(MAPPINGS["one adapter"])
+    x, y = _inputs(layer, len(MAPPINGS["one adapter"]))
+    rows_op(y, x, layer._trainq_layer)  # publishes the step and the layer
+    with pytest.raises(RuntimeError):
+        rows_op(y[:-1], x, layer._trainq_layer)

@@ -375,16 +375,16 @@ def test_widths_that_are_not_whole_vectors(rows_path: list[bool]) -> None:
     assert _took_the_kernel(rows_path) or not rows_path
 
 
-@pytest.mark.parametrize("mismatch", ["x one column wider", "y narrower than the slices"])
+@pytest.mark.parametrize("mismatch", ["x one column wider", "y narrower than the slices", "y a row short"])
 def test_shapes_that_disagree_with_the_layer_never_reach_the_kernel(rows_path: list[bool], mismatch: str) -> None:
     """C reads and writes where the addresses say: a shape error must come from torch, not from memory."""
     torch.manual_seed(11)
     slices = LAYOUTS["qkv"]
     wrapper = punica_wrapper(MAPPINGS["one adapter"])
     a, b = stacked_weights(slices)
-    wide = mismatch.startswith("x")
+    wide, narrow, short = (mismatch.startswith(start) for start in ("x one", "y narrower", "y a row"))
     x = torch.randn(9, HIDDEN + wide, dtype=torch.bfloat16)
-    y = torch.randn(9, sum(slices) - (not wide), dtype=torch.bfloat16)
+    y = torch.randn(9 - short, sum(slices) - narrow, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError):
         vllm_plugin.fused_add_lora_linear(wrapper, y, x, a, b, 1.0, slices)
     assert True not in rows_path
