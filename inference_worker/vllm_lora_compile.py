@@ -46,6 +46,9 @@ _LAYERS: list[Any] = []
 _op: Any = None
 # The (buffer, version, rows) of the step last handed to trainq_rows, so that it is handed over once.
 _published_step: tuple[int, int, int] | None = None
+# The fused layer each layer number was last published with: C++ holds the addresses of its kernel struct
+# and weights, so it lives until the next publication replaces it, even once the plugin's cache drops it.
+_published_layers: dict[int, Any] = {}
 
 
 def enable() -> bool:
@@ -131,6 +134,7 @@ def _publish(module: Any, number: int, rows: int) -> None:
         torch.ops.trainq_rows.set_step(indices, indices._version, rows, [slot for slot, _ in groups])
         _published_step = step
     kernel = fused.kernel
+    _published_layers[number] = fused
     torch.ops.trainq_rows.set_layer(number, kernel.address, kernel.in_features, kernel.width, list(fused.tensors),
                                     fused.versions, list(fused.kernel_slots))
 
