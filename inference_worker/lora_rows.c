@@ -2,7 +2,8 @@
  *
  * Built and loaded by inference_worker/vllm_lora_kernel.py (gcc -O3
  * -march=native, called through ctypes, which shares large batches out between
- * threads) for vLLM-CPU: on a decode step a layer's update is a few thousand
+ * threads, and from lora_op.cpp by its address, the compiled graph's op) for
+ * vLLM-CPU: on a decode step a layer's update is a few thousand
  * multiply-adds per row, and the torch ops that computed it (casts, two small
  * matmuls, an add) cost far more in dispatch than in arithmetic; on a prompt
  * they made float32 intermediates as wide as the layer's output.
