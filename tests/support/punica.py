@@ -21,9 +21,31 @@ def punica_wrapper(token_ids: tuple[int, ...], lora_index_to_id: list[int | None
     punica_cpu = pytest.importorskip("vllm.lora.punica_wrapper.punica_cpu")
     wrapper = punica_cpu.PunicaWrapperCPU(max_num_batched_tokens=max(64, len(token_ids)), max_batches=16, device="cpu")
     # The fused method's fallback, as register() leaves it on the class.
-    wrapper._trainq_vllm_add_lora_linear = punica_cpu.PunicaWrapperCPU.add_lora_linear.__get__(wrapper)
+    wrapper._trainq_vllm_add_lora_linear = original_add_lora_linear().__get__(wrapper)
     set_mapping(wrapper, token_ids, lora_index_to_id)
     return wrapper
+
+
+def original_add_lora_linear():  # type: ignore[no-untyped-def]
+    """vLLM's own ``PunicaWrapperCPU.add_lora_linear``, also where register() or a test replaced it on the class."""
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    return PunicaWrapperCPU.__dict__.get("_trainq_vllm_add_lora_linear") or PunicaWrapperCPU.add_lora_linear
+
+
+def rows_kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """What each call of the plugin's ``_apply_rows_kernel`` returns (True: lora_rows.c did the layer from Python)."""
+    from inference_worker import vllm_plugin
+
+    taken: list[bool] = []
+    apply = vllm_plugin._apply_rows_kernel
+
+    def spy(*args: object) -> bool:
+        taken.append(apply(*args))  # type: ignore[arg-type]
+        return taken[-1]
+
+    monkeypatch.setattr(vllm_plugin, "_apply_rows_kernel", spy)
+    return taken
 
 
 def set_mapping(wrapper, token_ids: tuple[int, ...], lora_index_to_id: list[int | None] = LORA_IDS) -> None:  # type: ignore[no-untyped-def]

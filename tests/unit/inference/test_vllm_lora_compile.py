@@ -11,7 +11,16 @@ import torch
 pytest.importorskip("vllm.lora.punica_wrapper.punica_cpu", reason="vLLM is not installed")
 
 from inference_worker import vllm_lora_compile, vllm_lora_kernel, vllm_plugin
-from tests.support.punica import HIDDEN, LAYOUTS, MAPPINGS, punica_wrapper, set_mapping, stacked_weights
+from tests.support.punica import (
+    HIDDEN,
+    LAYOUTS,
+    MAPPINGS,
+    original_add_lora_linear,
+    punica_wrapper,
+    rows_kernel_calls,
+    set_mapping,
+    stacked_weights,
+)
 
 
 @pytest.fixture(params=["python", "c++"])
@@ -29,7 +38,9 @@ def _rows_op(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
     assert vllm_lora_kernel.load_op(), "lora_op.cpp did not build: is a C++ compiler (c++) installed?"
     monkeypatch.setattr(vllm_lora_compile, "_op", vllm_lora_compile._op)  # the graph's op, as it was after the test
     vllm_lora_compile._use_rows_op(True)
-    monkeypatch.setattr(punica_cpu.PunicaWrapperCPU, "add_lora_linear", vllm_plugin.fused_add_lora_linear)
+    wrapper_cls = punica_cpu.PunicaWrapperCPU  # as register() leaves it: vLLM's method kept beside the fused one
+    monkeypatch.setattr(wrapper_cls, "_trainq_vllm_add_lora_linear", original_add_lora_linear(), raising=False)
+    monkeypatch.setattr(wrapper_cls, "add_lora_linear", vllm_plugin.fused_add_lora_linear)
     return torch.ops.trainq_rows.lora_linear.default
 
 
@@ -94,22 +105,9 @@ def test_a_compiled_graph_around_the_op_sees_new_adapters_and_new_batches(op) ->
     torch.testing.assert_close(forward(x, y), _expected(layer, x, y * 2) - 1)
 
 
-def _python_kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
-    """What each call of the Python side's ``_apply_rows_kernel`` returned: the C++ op's own calls are not there."""
-    calls: list[bool] = []
-    apply = vllm_plugin._apply_rows_kernel
-
-    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
-        calls.append(apply(*args, **kwargs))
-        return calls[-1]
-
-    monkeypatch.setattr(vllm_plugin, "_apply_rows_kernel", spy)
-    return calls
-
-
 def test_the_cpp_op_stays_in_cpp_until_the_step_or_the_adapter_changes(monkeypatch: pytest.MonkeyPatch) -> None:
     rows_op = _rows_op(monkeypatch)
-    python = _python_kernel_calls(monkeypatch)
+    python = rows_kernel_calls(monkeypatch)  # the C++ op's own calls are not there
     torch.manual_seed(8)
     layer = _layer(MAPPINGS["one adapter"], "gate_up")
     number = layer._trainq_layer
@@ -134,8 +132,7 @@ def test_the_cpp_op_stays_in_cpp_until_the_step_or_the_adapter_changes(monkeypat
 def test_the_cpp_op_hands_what_the_kernel_does_not_do_to_python(monkeypatch: pytest.MonkeyPatch, case: str) -> None:
     from vllm.lora.punica_wrapper import punica_cpu
 
-    wrapper_cls = punica_cpu.PunicaWrapperCPU
-    vllm_method = getattr(wrapper_cls, "_trainq_vllm_add_lora_linear", wrapper_cls.add_lora_linear)
+    vllm_method = original_add_lora_linear()
     rows_op = _rows_op(monkeypatch)
     torch.manual_seed(9)
     rows = vllm_lora_kernel.SPLIT_ROWS if case == "long batch" else 9
@@ -144,8 +141,8 @@ def test_the_cpp_op_hands_what_the_kernel_does_not_do_to_python(monkeypatch: pyt
     if case == "float32":
         x, y = x.float(), y.float()
     if case == "vLLM's add_lora_linear":  # --no-fused-lora: the layer must not go through the fused kernel
-        monkeypatch.setattr(wrapper_cls, "add_lora_linear", vllm_method)
-    python = _python_kernel_calls(monkeypatch)
+        monkeypatch.setattr(punica_cpu.PunicaWrapperCPU, "add_lora_linear", vllm_method)
+    python = rows_kernel_calls(monkeypatch)  # the C++ op's own calls are not there
     for _ in range(2):
         torch.testing.assert_close(rows_op(y, x, layer._trainq_layer), _expected(layer, x, y))
     # Python's every time (the op's, then _expected's); vLLM's method makes none of the first.

@@ -14,7 +14,9 @@ from tests.support.punica import (
     MAPPINGS,
     MAX_LORAS,
     MAX_RANK,
+    original_add_lora_linear,
     punica_wrapper,
+    rows_kernel_calls,
     set_mapping,
     stacked_weights,
 )
@@ -174,11 +176,8 @@ def test_the_command_without_lora_leaves_every_lora_flag_out() -> None:
 
 def _both(wrapper, a, b, slices, x, y):  # type: ignore[no-untyped-def]
     """(vLLM's result, ours) on copies of ``y``."""
-    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
-
     expected, got = y.clone(), y.clone()
-    vllm_add = PunicaWrapperCPU.__dict__.get("_trainq_vllm_add_lora_linear") or PunicaWrapperCPU.add_lora_linear
-    vllm_add(wrapper, expected, x, a, b, 1.0, slices)
+    original_add_lora_linear()(wrapper, expected, x, a, b, 1.0, slices)
     vllm_plugin.fused_add_lora_linear(wrapper, got, x, a, b, 1.0, slices)
     return expected, got
 
@@ -189,19 +188,11 @@ def rows_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
 
     Returns what each call of ``_apply_rows_kernel`` returned (True: the kernel did the layer).
     """
-    taken: list[bool] = []
     if request.param == "torch":
         monkeypatch.setattr(vllm_lora_kernel, "load", lambda: None)
-        return taken
+        return []
     assert vllm_lora_kernel.load() is not None, "lora_rows.c did not build: is a C compiler (cc) installed?"
-    apply = vllm_plugin._apply_rows_kernel
-
-    def spy(*args: object) -> bool:
-        taken.append(apply(*args))  # type: ignore[arg-type]
-        return taken[-1]
-
-    monkeypatch.setattr(vllm_plugin, "_apply_rows_kernel", spy)
-    return taken
+    return rows_kernel_calls(monkeypatch)
 
 
 def _took_the_kernel(rows_path: list[bool]) -> bool:
