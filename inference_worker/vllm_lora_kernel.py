@@ -55,6 +55,9 @@ SPLIT_ROWS = 256
 # trainq_lora_rows(layer, x, x_stride, rows, y, y_stride, slots, scale): what changes per call; the
 # rest is the layer's struct, built once (ctypes converts each argument, ~0.1 us apiece).
 ARGTYPES = (_p, _p, _i64, _i64, _p, _i64, _p, ctypes.c_float)
+# What a build or a load can fail with: no compiler or a bad library (OSError), no home directory for the
+# cache (RuntimeError), the compiler's error (CalledProcessError).
+BUILD_ERRORS = (OSError, RuntimeError, subprocess.CalledProcessError)
 
 
 class _Layer(ctypes.Structure):
@@ -156,9 +159,8 @@ def load() -> ctypes.CDLL | None:
     compiler = os.environ.get("CC", "cc")
     try:
         library = open_library(_build(compiler, SOURCE, CFLAGS))
-    except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:  # RuntimeError: no home directory
-        detail = getattr(exc, "stderr", None) or exc
-        log.warning("trainq: LoRA rows kernel unavailable, torch ops serve every batch (%s)", detail)
+    except BUILD_ERRORS as exc:
+        log.warning("trainq: LoRA rows kernel unavailable, torch ops serve every batch (%s)", _why(exc))
         return None
     return library
 
@@ -191,13 +193,17 @@ def load_op() -> bool:
     try:  # torch's version in the key: the op is built against its headers
         built = _build(os.environ.get("CXX", "c++"), OP_SOURCE, flags, libraries, torch.__version__.encode())
         torch.ops.load_library(str(built))
-    except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:
-        detail = getattr(exc, "stderr", None) or exc
-        log.warning("trainq: LoRA op unavailable, the compiled graph's LoRA layers call Python (%s)", detail)
+    except BUILD_ERRORS as exc:
+        log.warning("trainq: LoRA op unavailable, the compiled graph's LoRA layers call Python (%s)", _why(exc))
         return False
     address = ctypes.cast(library.trainq_lora_rows, ctypes.c_void_p).value
     torch.ops.trainq_rows.set_kernel(address, SPLIT_ROWS)  # the op's batches stay below the threads' split
     return True
+
+
+def _why(exc: Exception) -> object:
+    """What a failed build says: the compiler's error output where there is one."""
+    return getattr(exc, "stderr", None) or exc
 
 
 def _build(compiler: str, source: Path, flags: tuple[str, ...], libraries: tuple[str, ...] = (),
