@@ -6,7 +6,7 @@
 The payload is what ``backend.train`` puts under ``trainq:job:{id}:payload``:
 a ``list[TrajectoryGroup]`` whose trajectories hold a system and a user
 message and one sampled ``Choice`` (token ids, logprobs, the text), encoded by
-``producer.types.encode_groups`` (logprobs packed as float32). Each codec
+``producer.validation.encode_groups`` (logprobs packed as float32). Each codec
 encodes it and decodes it back; the table gives the bytes, throughput (MB/s of
 that codec's own bytes), the median and p99 of encode+decode, and the time
 against json's. Targets (bench/README.md): msgspec encode+decode at least 10x
@@ -38,7 +38,8 @@ from typing import Any
 import msgspec
 from _common import machine_line, percentile
 
-from producer.types import Choice, ChoiceMessage, ExceptionInfo, Trajectory, TrajectoryGroup, encode_groups
+from producer.types import Choice, ChoiceMessage, ExceptionInfo, Trajectory, TrajectoryGroup
+from producer.validation import encode_groups
 
 GroupList = list[TrajectoryGroup]
 

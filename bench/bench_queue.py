@@ -50,12 +50,12 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the trainer worker sets it, before torch loads
 
+import msgspec  # noqa: E402
 from _common import machine_line, median, percentile, print_table, verdict  # noqa: E402
 
-import msgspec  # noqa: E402
-
 from producer import QueueBackend, TrainableModel, queue_backend  # noqa: E402
-from producer.types import ModelRef, TrainConfig, TrajectoryGroup, encode_groups, validate_groups  # noqa: E402
+from producer.types import ModelRef, TrainConfig, TrajectoryGroup  # noqa: E402
+from producer.validation import encode_groups, validate_groups  # noqa: E402
 from tests.support.groups import make_group  # noqa: E402
 from tests.support.services import run_redis, start_trainer_worker  # noqa: E402
 

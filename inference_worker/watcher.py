@@ -22,7 +22,8 @@ from inference_worker.adapters import Adapter, AdapterManager
 from inference_worker.metrics import InferenceMetrics
 from producer.errors import BackendUnavailableError
 from producer.keys import CHECKPOINT_STREAM
-from producer.types import CheckpointEvent, validate_name
+from producer.names import validate_name
+from producer.types import CheckpointEvent
 
 __all__ = ["CheckpointWatcher", "decode_event"]
 

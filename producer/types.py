@@ -1,33 +1,46 @@
 """The wire contract: every record that crosses a process boundary.
 
-All three packages import this module; it imports only msgspec. Records evolve
-by msgspec's schema-evolution rules: a new field gets a default and goes last,
-no field is ever reordered or renamed, and a field's type only ever widens, so
-that readers accept what older writers sent. Nothing here is ever pickled.
+All three packages import this module; it imports only msgspec and the
+standard library. Records evolve by msgspec's schema-evolution rules: a new
+field gets a default and goes last, no field is ever reordered or renamed, and
+a field's type only ever widens, so that readers accept what older writers
+sent. Nothing here is ever pickled.
 
-A train job's groups are encoded by ``encode_groups`` (the one place that
-writes them) and decoded by a plain ``msgspec.msgpack.Decoder(list[TrajectoryGroup])``.
+A train job's groups are encoded by ``producer.validation.encode_groups`` (the
+one place that writes them) and decoded by a plain
+``msgspec.msgpack.Decoder(list[TrajectoryGroup])``.
+
+The rollout records (``Choice``, ``Trajectory``, ``TrajectoryGroup``) also take
+the forms OpenPipe ART's code builds (see README, "Coming from ART"): an
+``openai`` chat choice where a ``Choice`` goes, a message dict as a choice's
+``message``, a group built from rollouts still to be awaited, int and bool
+metrics. Their ``__post_init__`` turns those into the records below; it runs on
+every decode too, so it stays a few type checks for records already in shape.
 """
 
 from __future__ import annotations
 
-import array
-import copy
+import contextlib
 import enum
+import inspect
 import math
-import re
-import struct
-import sys
-from collections.abc import Sequence
+import time
+import traceback
+from collections.abc import AsyncIterator, Generator, Iterator, Sequence
 from typing import Any, Literal
 
 import msgspec
 
+from producer import _float32
+from producer.names import inference_name, validate_name
+
 __all__ = [
+    "SAMPLER_FIELD",
     "CheckpointEvent",
     "Choice",
     "ChoiceMessage",
     "ExceptionInfo",
+    "JobOutcome",
     "JobStatus",
     "LocalTrainResult",
     "ModelRef",
@@ -37,44 +50,19 @@ __all__ = [
     "TrainResult",
     "Trajectory",
     "TrajectoryGroup",
-    "encode_groups",
-    "validate_groups",
-    "validate_name",
 ]
 
-_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
-_INFERENCE_NAME_RE = re.compile(r"(?P<name>[A-Za-z0-9._-]{1,64})@(?P<step>\d+)")
-
-
-def validate_name(value: str, what: str = "name") -> str:
-    """Return ``value`` if it is a safe model or project name, else raise ``ValueError``.
-
-    Names become folder names under the checkpoint root and Redis key parts, so
-    they are 1-64 of ``[A-Za-z0-9._-]`` and may not start with ``.`` (which
-    rules out ``.`` and ``..``).
-    """
-    if not isinstance(value, str) or not _NAME_RE.fullmatch(value) or value.startswith("."):
-        raise ValueError(
-            f"invalid {what} {value!r}: use 1-64 characters of [A-Za-z0-9._-], not starting with '.'"
-        )
-    return value
-
-
-def parse_inference_name(inference_name: str) -> tuple[str, int] | None:
-    """Split ``name@step`` into ``(name, step)``; ``None`` if it is not of that form."""
-    match = _INFERENCE_NAME_RE.fullmatch(inference_name or "")
-    if match is None:
-        return None
-    return match["name"], int(match["step"])
-
+SAMPLER_FIELD = "trainq_sampler"
+"""What trainq's inference worker adds to each choice of a completion: ``{"model", "temperature",
+"prompt_token_ids"}`` of the request (``inference_worker/request_defaults.py``; read by ``Choice.from_openai``)."""
 
 # --------------------------------------------------------------------------- data
 
 # The records a payload holds by the thousand are not tracked by Python's cycle
 # collector (``gc=False``): decoding a 1 MB job took ~1.2 ms (15%) less on the
-# worker (bench/bench_queue.py's payload). They are plain data: a reference
-# cycle through one of them (a trajectory stored in its own ``metadata``) would
-# never be collected.
+# worker (bench/bench_payload.py). They are plain data: a reference cycle
+# through one of them (a trajectory stored in its own ``metadata``) would never
+# be collected.
 
 
 class ChoiceMessage(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -83,53 +71,87 @@ class ChoiceMessage(msgspec.Struct, kw_only=True, omit_defaults=True):
     content: str | None = None
     role: str = "assistant"
     tool_calls: list[dict[str, Any]] | None = None
+    reasoning_content: str | None = None
+    """The reasoning a reasoning model produced before ``content``, when the server returns it apart."""
+
+    @classmethod
+    def from_dict(cls, message: dict[str, Any]) -> ChoiceMessage:
+        """From an OpenAI message dict; keys this record does not hold (``refusal``, ``annotations``) are dropped."""
+        if not isinstance(message, dict):
+            raise TypeError(f"a choice's message must be a ChoiceMessage or a dict, got {type(message).__name__}")
+        return cls(
+            content=message.get("content"),
+            role=message.get("role") or "assistant",
+            tool_calls=message.get("tool_calls") or None,
+            reasoning_content=message.get("reasoning_content"),
+        )
 
 
 class Choice(msgspec.Struct, kw_only=True, array_like=True, tag="choice", gc=False):
-    """One sampled assistant turn, exactly as the sampler produced it.
+    """One sampled assistant turn, exactly as the sampler produced it and saw it.
 
-    Invariant: ``len(token_ids) == len(logprobs)``; ``logprobs[i]`` is the
-    sampler's log-probability of ``token_ids[i]``. The trainer uses these token
-    ids verbatim and never re-tokenizes ``message``.
+    Invariants: ``len(token_ids) == len(logprobs)`` (or no logprobs at all);
+    ``logprobs[i]`` is the sampler's log-probability of ``token_ids[i]`` under
+    the distribution it sampled from (at ``temperature``);
+    ``prompt_token_ids`` are the tokens the sampler was given for this turn.
+    The trainer scores exactly ``prompt_token_ids + token_ids`` and never
+    re-tokenizes ``message``.
 
     Encoded as a tagged array so that it can share a list with plain chat
     message dicts (which encode as maps) in ``Trajectory.messages_and_choices``.
 
     ``logprobs`` is a sequence of floats. On the wire (``encode_groups``) it
-    travels as packed little-endian float32 bytes: vLLM computes logprobs in
-    float32 and the trainer uses them as float32, so nothing is lost, and a job
-    is ~28% smaller than with msgspec's 9-byte doubles (bench/bench_payload.py).
+    travels as packed little-endian float32 bytes (``producer._float32``).
     Packed bytes, given here or decoded, become an ``array.array("f")``
-    (indexing, iteration, ``len``, ``sum`` as a list; ``list(...)`` for a list):
-    the worker then takes them to a tensor without making a Python float per
-    token. A plain float list (what rollout code builds, and what older
-    producers sent) is kept as it is.
+    (indexing, iteration, ``len``, ``sum`` as a list; ``list(...)`` for a list).
+    A plain float list (what rollout code builds, and what older producers
+    sent) is kept as it is. ``message`` may be given as a dict.
     """
 
     token_ids: list[int]
     logprobs: Sequence[float] | bytes  # a list as given; bytes become an array("f") (see above)
     message: ChoiceMessage = msgspec.field(default_factory=ChoiceMessage)
     finish_reason: str | None = None
-    # The step of the adapter that sampled this turn (from ``name@step``), if known.
     sampled_step: int | None = None
+    """The step of the adapter that sampled this turn (from ``name@step``), if known."""
+    prompt_token_ids: list[int] | None = None
+    """The tokens the sampler was given for this turn (vLLM's ``return_token_ids``); ``None`` if unknown."""
+    temperature: float | None = None
+    """The temperature this turn was sampled at; ``None`` if unknown (scored at 1.0)."""
 
     def __post_init__(self) -> None:
         if type(self.logprobs) is bytes:
-            self.logprobs = _float32_array(self.logprobs)
+            self.logprobs = _float32.unpack(self.logprobs)
+        if type(self.message) is dict:
+            self.message = ChoiceMessage.from_dict(self.message)
 
     @classmethod
-    def from_openai(cls, choice: Any, inference_name: str | None = None) -> Choice:
-        """Convert an ``openai`` chat choice sampled with logprobs and token ids.
+    def from_openai(
+        cls,
+        choice: Any,
+        inference_name: str | None = None,
+        *,
+        temperature: float | None = None,
+        allow_missing_logprobs: bool = False,
+    ) -> Choice:
+        """Convert an ``openai`` chat choice, or a whole ``ChatCompletion``, sampled by vLLM.
 
-        ``choice`` is a ``ChatCompletion`` (its first choice is used, and its
-        ``model`` gives the sampled step) or one of its ``choices``; pass
-        ``inference_name`` (``name@step``) with a bare choice to record the
-        step. The request must ask vLLM for ``logprobs=True`` and
-        ``extra_body={"return_tokens_as_token_ids": True}``.
+        ``choice`` is a ``ChatCompletion`` (its first choice is used, its
+        ``model`` gives the sampled step and its ``prompt_token_ids`` the
+        prompt) or one of its ``choices``; pass ``inference_name``
+        (``name@step``) with a bare choice from another server to record the
+        step, and ``temperature`` if the server does not report it. trainq's
+        inference worker returns everything needed on every request; another
+        vLLM must be asked for ``logprobs=True`` and
+        ``extra_body={"return_tokens_as_token_ids": True, "return_token_ids": True}``.
+        Raises ``ValueError`` when the choice carries no token ids, or no
+        logprobs unless ``allow_missing_logprobs``.
         """
-        from producer._openai import choice_from_openai  # keeps openai off the import path
+        from producer._openai import choice_from_openai  # keeps this module free of the conversion code
 
-        return choice_from_openai(cls, choice, inference_name)
+        return choice_from_openai(
+            cls, choice, inference_name, temperature=temperature, allow_missing_logprobs=allow_missing_logprobs
+        )
 
 
 class ExceptionInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -138,6 +160,14 @@ class ExceptionInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
     type: str
     message: str = ""
     traceback: str = ""
+
+    @classmethod
+    def from_exception(cls, exc: BaseException) -> ExceptionInfo:
+        return cls(
+            type=type(exc).__name__,
+            message=str(exc),
+            traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+        )
 
 
 MessageOrChoice = dict[str, Any] | Choice
@@ -149,18 +179,53 @@ class Trajectory(msgspec.Struct, array_like=True, gc=False):
     Encoded as an array (fields by position): a payload holds thousands of
     trajectories, and field names in each would cost bytes and decode time
     (bench/bench_payload.py). New fields therefore go last, with a default.
+
+    ``metrics`` are numbers; ints and bools (``metrics["win"] = True``) are
+    taken as floats. An ``openai`` chat choice in ``messages_and_choices`` is
+    converted to a ``Choice`` here, and again when the trajectory is encoded or
+    logged (for choices appended later).
     """
 
-    messages_and_choices: list[MessageOrChoice]
+    messages_and_choices: list[MessageOrChoice] = msgspec.field(default_factory=list)
     reward: float = 0.0
     metrics: dict[str, float] = msgspec.field(default_factory=dict)
     metadata: dict[str, Any] = msgspec.field(default_factory=dict)
     tools: list[dict[str, Any]] | None = None
     logs: list[str] = msgspec.field(default_factory=list)
+    start_time: float | None = None
+    """When the rollout began (seconds since the epoch; set at construction); ``finish()`` measures from it."""
+
+    def __post_init__(self) -> None:
+        if self.start_time is None:
+            self.start_time = time.time()
+        self.messages_and_choices = as_messages_and_choices(self.messages_and_choices)
+        self.metrics = as_float_metrics(self.metrics)
 
     def choices(self) -> list[Choice]:
         """The sampled turns, in order."""
         return [item for item in self.messages_and_choices if isinstance(item, Choice)]
+
+    def messages(self) -> list[dict[str, Any]]:
+        """The conversation as chat message dicts, sampled turns as assistant messages: what a next request sends."""
+        return [
+            item if isinstance(item, dict) else choice_as_message(item)
+            for item in as_messages_and_choices(self.messages_and_choices)
+        ]
+
+    def finish(self) -> Trajectory:
+        """Record ``metrics["duration"]``, the seconds since the rollout began; returns the trajectory."""
+        self.metrics["duration"] = time.time() - (self.start_time or time.time())
+        return self
+
+    @contextlib.asynccontextmanager
+    async def track_duration(self, metric_name: str) -> AsyncIterator[None]:
+        """Add the seconds spent in the block to ``metrics[f"{metric_name}_duration"]``."""
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            key = f"{metric_name}_duration"
+            self.metrics[key] = self.metrics.get(key, 0.0) + time.monotonic() - started
 
 
 class TrajectoryGroup(msgspec.Struct, array_like=True, gc=False):
@@ -170,6 +235,13 @@ class TrajectoryGroup(msgspec.Struct, array_like=True, gc=False):
 
     ``sampled_step`` is the adapter step the group was sampled at; when left
     ``None`` it is derived from the choices' ``sampled_step`` (the oldest one).
+
+    Built from any iterable: ``Trajectory`` s, exceptions (recorded in
+    ``exceptions``), or awaitables of ``Trajectory`` (rollouts not yet run).
+    A group holding awaitables is awaited (``await group``, or through
+    ``gather_trajectory_groups``), which runs them concurrently and puts their
+    trajectories in their place. A group iterates over, and has the length of,
+    its trajectories.
     """
 
     trajectories: list[Trajectory]
@@ -177,63 +249,113 @@ class TrajectoryGroup(msgspec.Struct, array_like=True, gc=False):
     metadata: dict[str, Any] = msgspec.field(default_factory=dict)
     sampled_step: int | None = None
 
+    def __post_init__(self) -> None:
+        items = self.trajectories if type(self.trajectories) is list else list(self.trajectories)
+        if any(type(item) is not Trajectory for item in items):
+            items = _without_exceptions(items, self.exceptions)
+        self.trajectories = items
+        if any(not isinstance(info, ExceptionInfo) for info in self.exceptions):
+            self.exceptions = [_as_exception_info(info) for info in self.exceptions]
+
+    def __iter__(self) -> Iterator[Trajectory]:
+        return iter(self.trajectories)
+
+    def __len__(self) -> int:
+        return len(self.trajectories)
+
+    def __await__(self) -> Generator[Any, None, TrajectoryGroup]:
+        """Run the rollouts still pending, concurrently; the first exception is raised, the rest cancelled."""
+        from producer.gather import resolve_group
+
+        return resolve_group(self).__await__()
+
+    @property
+    def pending(self) -> list[Any]:
+        """The awaitables of rollouts not yet run (empty once the group is awaited)."""
+        return [item for item in self.trajectories if not isinstance(item, Trajectory)]
+
     def effective_sampled_step(self) -> int | None:
         """``sampled_step`` if set, else the oldest step any of its choices was sampled at."""
         if self.sampled_step is not None:
             return self.sampled_step
         steps = [
-            c.sampled_step for t in self.trajectories for c in t.choices() if c.sampled_step is not None
+            c.sampled_step for t in self.trajectories if isinstance(t, Trajectory)
+            for c in t.choices() if c.sampled_step is not None
         ]
         return min(steps) if steps else None
 
 
-# ----------------------------------------------------------------------- encoding
+def _without_exceptions(items: list[Any], exceptions: list[Any]) -> list[Any]:
+    """``items`` less the exceptions among them, which go to ``exceptions``; anything else is a ``TypeError``."""
+    kept = []
+    for item in items:
+        if isinstance(item, BaseException):
+            exceptions.append(item)
+        elif isinstance(item, Trajectory) or inspect.isawaitable(item):
+            kept.append(item)
+        else:
+            raise TypeError(
+                f"a TrajectoryGroup holds Trajectory objects, exceptions or awaitables of Trajectory, "
+                f"got {type(item).__name__}"
+            )
+    return kept
 
-_groups_encoder = msgspec.msgpack.Encoder()
-_BIG_ENDIAN = sys.byteorder == "big"
+
+def _as_exception_info(value: Any) -> ExceptionInfo:
+    if isinstance(value, ExceptionInfo):
+        return value
+    if isinstance(value, BaseException):
+        return ExceptionInfo.from_exception(value)
+    raise TypeError(f"a group's exceptions are ExceptionInfo or exceptions, got {type(value).__name__}")
 
 
-def encode_groups(groups: list[TrajectoryGroup], *, allow_missing_logprobs: bool = False) -> bytes:
-    """``validate_groups``, then the msgpack of the groups with every choice's logprobs packed as float32.
+def as_messages_and_choices(items: Any) -> list[Any]:
+    """``items`` as a list, each ``openai`` choice in it converted to a ``Choice`` where it can be.
 
-    One pass: each choice's logprobs are packed once, and their values checked
-    on the packed bytes (``_float32_all_negative``). The caller's records are
-    left as they are: what the encoder sees are shallow copies holding the
-    packed bytes. A logprob beyond float32's range is a ``ValueError`` naming it.
+    A choice that carries no token ids is left as it is: ``validate_groups``
+    then names it and says how to request them.
     """
-    return _groups_encoder.encode(_checked_groups(groups, allow_missing_logprobs, pack=True))
+    items = items if type(items) is list else list(items)
+    for index, item in enumerate(items):
+        if type(item) is not dict and type(item) is not Choice:
+            from producer._openai import converted_item
+
+            items[index] = converted_item(item)
+    return items
 
 
-def _pack_float32(values: list[float] | array.array) -> bytes:
-    """``values`` as little-endian IEEE float32 bytes, the wire form of ``Choice.logprobs``."""
-    if isinstance(values, array.array) and values.typecode == "f":  # decoded, and sent on again
-        return (_swapped(values) if _BIG_ENDIAN else values).tobytes()
-    # struct packs a float list ~30% faster than array.array("f", values).
-    return struct.pack(f"<{len(values)}f", *values)
+def as_float_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """``metrics`` with ints and bools as floats (ART allows them); anything else is left for validation to name."""
+    if all(type(value) is float for value in metrics.values()):
+        return metrics
+    return {key: float(value) if isinstance(value, (int, bool)) else value for key, value in metrics.items()}
 
 
-def _float32_array(data: bytes) -> array.array:
-    """The floats of ``_pack_float32``'s bytes; ``ValueError`` if they are not whole float32s."""
-    if len(data) % 4:
-        raise ValueError(f"packed float32 logprobs need a multiple of 4 bytes, got {len(data)}")
-    values = array.array("f", data)  # a copy of the bytes: no Python float per value
-    return _swapped(values) if _BIG_ENDIAN else values
+def choice_as_message(choice: Choice | Any) -> dict[str, Any]:
+    """The chat message dict of a sampled turn, as a next request (or a chat template) takes it."""
+    if not isinstance(choice, Choice):
+        from producer._openai import message_of
 
-
-def _swapped(values: array.array) -> array.array:
-    swapped = array.array(values.typecode, values)
-    swapped.byteswap()
-    return swapped
+        return message_of(choice)
+    message: dict[str, Any] = {"role": "assistant", "content": choice.message.content or ""}
+    if choice.message.tool_calls:
+        message["tool_calls"] = choice.message.tool_calls
+    return message
 
 
 # ------------------------------------------------------------------------- config
 
 
-ImportanceSamplingLevel = Literal["token", "sequence"]
+ImportanceSamplingLevel = Literal["token", "sequence", "average", "geometric_average"]
+IMPORTANCE_SAMPLING_LEVELS: tuple[str, ...] = ("token", "sequence", "average", "geometric_average")
 
 
 class TrainConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
-    """How one train step is run. Every field is a keyword of ``backend.train``."""
+    """How one train step is run. Every field is a keyword of ``backend.train``.
+
+    Values are checked at construction, on the producer, before anything is
+    queued: a bad one is a ``ValueError`` naming it.
+    """
 
     learning_rate: float = 5e-6
     """AdamW learning rate of the LoRA parameters; > 0."""
@@ -242,25 +364,65 @@ class TrainConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fiel
     ppo: bool = False
     """PPO clipped surrogate when true; CISPO-style clipped-weight policy gradient otherwise."""
     epsilon: float | None = None
-    """Lower clip range; default 0.2 for PPO, unused lower bound for CISPO."""
+    """Lower clip range; default 0.2 for PPO; for CISPO a lower bound of the weight (1 - epsilon) if given."""
     epsilon_high: float | None = None
-    """Upper clip range; defaults to ``epsilon`` for PPO and 0.28 ... 5.0 for CISPO (see loss)."""
+    """Upper clip range; defaults to ``epsilon`` for PPO and to 0.28 for CISPO (see the README)."""
     scale_rewards: bool = True
     """Divide group-relative advantages by the group's reward std (+1e-6)."""
     importance_sampling_level: ImportanceSamplingLevel = "token"
-    """Importance ratio per token, or one per sequence (geometric mean, GSPO-style)."""
+    """Importance ratio per token, per sequence (geometric mean, GSPO), or their arithmetic or geometric average."""
     max_staleness: int | None = None
     """Drop groups sampled more than this many steps before the latest; None keeps all."""
     allow_training_without_logprobs: bool = False
     """Accept choices without sampler logprobs, using the trainer's own (ratio 1)."""
+    advantage_balance: float = 0.0
+    """In [-1, 1]: positive advantages weigh ``1 + b``, negative ones ``1 - b`` (1 trains only on positive)."""
+    max_negative_advantage_importance_sampling_weight: float | None = None
+    """Cap of the importance ratio of tokens with a negative advantage; > 0."""
+    mask_prob_ratio: bool = False
+    """Drop the tokens whose ratio is outside the clip range from the loss, instead of clipping them."""
+    truncated_importance_sampling: float | None = None
+    """Weigh each token by ``min(pi_trainer / pi_sampler, value)``, detached, and take the policy
+    ratio against the trainer's own log-probabilities: truncated importance sampling (Yao et al. 2025)
+    against the training-inference mismatch; >= 1."""
+    scale_learning_rate_by_reward_std_dev: bool = False
+    """Multiply the learning rate by the step's mean within-group reward standard deviation."""
+    num_trajectories_learning_rate_multiplier_power: float = 0.0
+    """Multiply the learning rate by (trajectories trained) ** power; 0 leaves it as it is."""
+    kimi_k2_tau: float | None = None
+    """Subtract ``tau * (log pi_trainer - log pi_sampler)`` (detached) from each token's advantage (Kimi K2)."""
 
     def __post_init__(self) -> None:
-        _check(math.isfinite(self.learning_rate) and self.learning_rate > 0, "learning_rate", "a finite number > 0", self.learning_rate)
-        _check(math.isfinite(self.beta) and self.beta >= 0, "beta", "a finite number >= 0", self.beta)
-        for field in ("epsilon", "epsilon_high"):
+        _check(_finite(self.learning_rate) and self.learning_rate > 0, "learning_rate", "a finite number > 0", self.learning_rate)
+        _check(_finite(self.beta) and self.beta >= 0, "beta", "a finite number >= 0", self.beta)
+        for field in ("epsilon", "epsilon_high", "max_negative_advantage_importance_sampling_weight"):
             value = getattr(self, field)
-            _check(value is None or (math.isfinite(value) and value > 0), field, "None or a finite number > 0", value)
-        _check(self.max_staleness is None or self.max_staleness >= 0, "max_staleness", "None or an int >= 0", self.max_staleness)
+            _check(value is None or (_finite(value) and value > 0), field, "None or a finite number > 0", value)
+        for field in ("ppo", "scale_rewards", "allow_training_without_logprobs", "mask_prob_ratio",
+                      "scale_learning_rate_by_reward_std_dev"):
+            _check(isinstance(getattr(self, field), bool), field, "True or False", getattr(self, field))
+        _check(self.importance_sampling_level in IMPORTANCE_SAMPLING_LEVELS, "importance_sampling_level",
+               f"one of {', '.join(map(repr, IMPORTANCE_SAMPLING_LEVELS))}", self.importance_sampling_level)
+        _check(self.max_staleness is None or (_is_int(self.max_staleness) and self.max_staleness >= 0),
+               "max_staleness", "None or an int >= 0", self.max_staleness)
+        _check(_finite(self.advantage_balance) and -1.0 <= self.advantage_balance <= 1.0, "advantage_balance",
+               "a number in [-1, 1]", self.advantage_balance)
+        _check(self.truncated_importance_sampling is None
+               or (_finite(self.truncated_importance_sampling) and self.truncated_importance_sampling >= 1.0),
+               "truncated_importance_sampling", "None or a finite number >= 1", self.truncated_importance_sampling)
+        _check(_finite(self.num_trajectories_learning_rate_multiplier_power),
+               "num_trajectories_learning_rate_multiplier_power", "a finite number",
+               self.num_trajectories_learning_rate_multiplier_power)
+        _check(self.kimi_k2_tau is None or (_finite(self.kimi_k2_tau) and self.kimi_k2_tau >= 0), "kimi_k2_tau",
+               "None or a finite number >= 0", self.kimi_k2_tau)
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check(ok: bool, field: str, expected: str, value: object) -> None:
@@ -279,12 +441,15 @@ class TrainResult(msgspec.Struct, kw_only=True):
 
 
 class LocalTrainResult(TrainResult, kw_only=True):
+    """A train result with the new step's checkpoint folder (ART's ``art.types.LocalTrainResult``)."""
+
     checkpoint_path: str | None = None
 
 
-class QueueTrainResult(TrainResult, kw_only=True):
+class QueueTrainResult(LocalTrainResult, kw_only=True):
+    """A train result of a job that went through the queue: also its id and where its time went."""
+
     job_id: str
-    checkpoint_path: str | None = None
     queued_s: float = 0.0
     """Seconds between submission and the worker starting the job."""
     train_s: float = 0.0
@@ -377,131 +542,4 @@ class CheckpointEvent(msgspec.Struct, kw_only=True, frozen=True):
 
     @property
     def inference_name(self) -> str:
-        return f"{self.model}@{self.step}"
-
-
-# --------------------------------------------------------------------- validation
-
-_MESSAGE_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
-
-
-def validate_groups(groups: list[TrajectoryGroup], *, allow_missing_logprobs: bool = False) -> None:
-    """Raise ``ValueError`` naming the first bad field of ``groups``, else return.
-
-    Checked on both sides of the queue: by the producer as it encodes
-    (``encode_groups``), and by the worker after decoding (a raw payload never
-    went through the first).
-    """
-    _checked_groups(groups, allow_missing_logprobs, pack=False)
-
-
-def _checked_groups(groups: list[TrajectoryGroup], allow_missing_logprobs: bool, pack: bool) -> list[TrajectoryGroup]:
-    """``groups`` validated; with ``pack``, as shallow copies whose choices hold packed logprobs."""
-    if not groups:
-        raise ValueError("groups: at least one trajectory group is needed")
-    checked = []
-    for g, group in enumerate(groups):
-        if not group.trajectories:
-            raise ValueError(f"groups[{g}].trajectories: a group needs at least one trajectory")
-        trajectories = [
-            _checked_trajectory(trajectory, f"groups[{g}].trajectories[{t}]", allow_missing_logprobs, pack)
-            for t, trajectory in enumerate(group.trajectories)
-        ]
-        checked.append(msgspec.structs.replace(group, trajectories=trajectories) if pack else group)
-    return checked
-
-
-def _checked_trajectory(trajectory: Trajectory, where: str, allow_missing_logprobs: bool, pack: bool) -> Trajectory:
-    if not math.isfinite(trajectory.reward):
-        raise ValueError(f"{where}.reward: must be finite, got {trajectory.reward!r}")
-    items: list[MessageOrChoice] = []
-    n_choices = 0
-    for i, item in enumerate(trajectory.messages_and_choices):
-        at = f"{where}.messages_and_choices[{i}]"
-        if isinstance(item, Choice):
-            n_choices += 1
-            item = _checked_choice(item, at, allow_missing_logprobs, pack)
-        else:
-            _validate_message(item, at)
-        items.append(item)
-    if n_choices == 0:
-        raise ValueError(f"{where}.messages_and_choices: no sampled Choice to train on")
-    return msgspec.structs.replace(trajectory, messages_and_choices=items) if pack else trajectory
-
-
-def _validate_message(message: dict[str, Any], at: str) -> None:
-    if not isinstance(role := message.get("role"), str) or role not in _MESSAGE_ROLES:
-        raise ValueError(f"{at}.role: must be one of {sorted(_MESSAGE_ROLES)}, got {role!r}")
-    # Chat templates concatenate content as text (or iterate content parts): anything
-    # else would fail inside the worker's template with an error that names nothing.
-    content = message.get("content")
-    if not (content is None or isinstance(content, str) or _is_content_parts(content)):
-        raise ValueError(
-            f"{at}.content: must be a string, a list of content part dicts or None, got {type(content).__name__}"
-        )
-
-
-def _is_content_parts(content: object) -> bool:
-    return isinstance(content, list) and all(isinstance(part, dict) for part in content)
-
-
-def _checked_choice(choice: Choice, at: str, allow_missing_logprobs: bool, pack: bool) -> Choice:
-    if not choice.token_ids:
-        raise ValueError(f"{at}.token_ids: a sampled turn needs at least one token")
-    if min(choice.token_ids) < 0:
-        raise ValueError(f"{at}.token_ids: token ids must be >= 0")
-    if not choice.logprobs and allow_missing_logprobs:
-        return choice
-    if len(choice.logprobs) != len(choice.token_ids):
-        raise ValueError(
-            f"{at}.logprobs: {len(choice.logprobs)} logprobs for {len(choice.token_ids)} token_ids; "
-            "they must be of equal length"
-            + ("" if choice.logprobs else " (pass allow_training_without_logprobs=True to train without them)")
-        )
-    packed = _packed_logprobs(choice.logprobs, at) if pack else None
-    if not _logprobs_in_range(choice.logprobs, packed):
-        raise ValueError(f"{at}.logprobs: every logprob must be finite and <= 0")
-    if packed is None:
-        return choice
-    # copy.copy, not structs.replace: replace runs __post_init__, which would unpack again.
-    sent = copy.copy(choice)
-    sent.logprobs = packed
-    return sent
-
-
-def _packed_logprobs(values: Sequence[float] | bytes, at: str) -> bytes:
-    if type(values) is bytes:
-        return values
-    try:
-        return _pack_float32(values)
-    except (OverflowError, struct.error) as exc:
-        raise ValueError(f"{at}.logprobs: cannot be sent as float32 ({exc})") from None
-
-
-def _logprobs_in_range(values: Sequence[float] | bytes, packed: bytes | None) -> bool:
-    """Every logprob finite and <= 0; ``packed``: the same values as little-endian float32."""
-    if packed is None and isinstance(values, array.array) and values.typecode == "f":
-        packed = _pack_float32(values)  # a decoded choice's: a copy of its bytes
-    if packed is not None and _float32_all_negative(packed):
-        return True
-    if type(values) is bytes:
-        values = _float32_array(values)
-    # max() and sum() loop in C, but each value is a Python float: ~20 ns a logprob.
-    # A sum of values <= 0 is finite exactly when each one is: NaN and infinities propagate.
-    return max(values) <= 0.0 and math.isfinite(sum(values))
-
-
-_SIGN_SET = bytes(range(0x80, 0x100))
-
-
-def _float32_all_negative(packed: bytes) -> bool:
-    """True if every little-endian float32 in ``packed`` is certainly negative and finite.
-
-    Read off each value's top byte (sign bit and the exponent's 7 high bits), in
-    C-speed byte operations, ~10x faster than comparing Python floats: a set
-    sign bit everywhere, and no top byte 0xFF (which holds the non-finite values,
-    and the finite ones beyond -1.7e38). False means "look closer": +0.0 and
-    those huge values are valid and go to the exact check.
-    """
-    top = packed[3::4]
-    return not top.translate(None, _SIGN_SET) and 0xFF not in top
+        return inference_name(self.model, self.step)

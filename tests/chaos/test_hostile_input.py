@@ -19,7 +19,8 @@ import redis
 
 from producer import JobFailedError, JobStatus, PayloadTooLargeError, QueueBackend, TrainableModel, keys
 from producer.queue import build_celery_app
-from producer.types import ModelRef, TrainRequest, encode_groups
+from producer.types import ModelRef, TrainRequest
+from producer.validation import encode_groups
 from tests.chaos.conftest import RedisServer
 from tests.support.groups import make_group, make_groups
 from tests.support.services import WorkerProcess, child_env, start_trainer_worker

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from producer.types import JobOutcome, validate_name
+from producer.names import validate_name
+from producer.types import JobOutcome
 
 __all__ = [
     "CheckpointInfo",

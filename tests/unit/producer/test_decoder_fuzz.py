@@ -18,7 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from producer import keys
-from producer.types import ModelRef, TrainConfig, TrainRequest, encode_groups, validate_groups
+from producer.types import ModelRef, TrainConfig, TrainRequest
+from producer.validation import encode_groups, validate_groups
 from tests.support.groups import make_groups
 from trainer_worker.jobs import JobRejected, decode_groups, decode_request
 

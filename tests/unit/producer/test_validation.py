@@ -6,7 +6,8 @@ import struct
 
 import pytest
 
-from producer.types import Choice, TrajectoryGroup, encode_groups, validate_groups
+from producer.types import Choice, TrajectoryGroup
+from producer.validation import encode_groups, validate_groups
 from tests.support.groups import make_groups
 
 
@@ -73,7 +74,7 @@ def test_text_none_and_content_parts_are_accepted(content: object) -> None:
 
 
 def test_the_quick_test_on_packed_bytes_answers_for_ordinary_logprobs() -> None:
-    from producer.types import _float32_all_negative
+    from producer._float32 import all_negative as _float32_all_negative
 
     assert _float32_all_negative(struct.pack("<4f", -0.5, -1e-45, -0.0, -1e38))  # the usual case: no fallback
     for odd in (0.0, 0.5, float("nan"), -float("nan"), float("-inf"), -3e38):

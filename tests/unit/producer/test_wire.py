@@ -8,7 +8,8 @@ import struct
 import msgspec
 import pytest
 
-from producer.types import Choice, TrajectoryGroup, encode_groups
+from producer.types import Choice, TrajectoryGroup
+from producer.validation import encode_groups
 from tests.support.groups import make_groups
 from trainer_worker.jobs import decode_groups
 
