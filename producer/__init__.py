@@ -19,7 +19,7 @@ from producer.errors import (
     TrainqError,
     TrainTimeoutError,
 )
-from producer.gather import gather_trajectory_groups
+from producer.gather import gather_trajectories, gather_trajectory_groups
 from producer.jobs import JobRecord, TrainJob
 from producer.local_backend import LocalBackend
 from producer.model import Model, TrainableModel
@@ -55,6 +55,7 @@ __all__ = [
     "ExceptionInfo",
     "Trajectory",
     "TrajectoryGroup",
+    "gather_trajectories",
     "gather_trajectory_groups",
     # config and results
     "LocalTrainResult",

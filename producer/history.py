@@ -24,7 +24,15 @@ from typing import Any
 
 import msgspec
 
-from producer.types import Choice, Trajectory, TrajectoryGroup
+from producer.types import (
+    Choice,
+    ExceptionInfo,
+    Trajectory,
+    TrajectoryGroup,
+    as_float_metrics,
+    as_messages_and_choices,
+    choice_as_message,
+)
 
 __all__ = ["HISTORY_FILE", "aggregate_metrics", "read_history", "trajectories_path", "write_log"]
 
@@ -147,25 +155,33 @@ def read_history(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------ helpers
 
 
-def _as_groups(items: Iterable[TrajectoryGroup | Trajectory] | None) -> list[TrajectoryGroup] | None:
+def _as_groups(items: Iterable[TrajectoryGroup | Trajectory | BaseException] | None) -> list[TrajectoryGroup] | None:
+    """Groups as given; loose trajectories (and exceptions, as ART passes them) gathered into one group."""
     if items is None:
         return None
     groups: list[TrajectoryGroup] = []
     loose: list[Trajectory] = []
+    errors: list[ExceptionInfo] = []
     for item in items:
         if isinstance(item, TrajectoryGroup):
             groups.append(item)
         elif isinstance(item, Trajectory):
             loose.append(item)
+        elif isinstance(item, BaseException):
+            errors.append(ExceptionInfo.from_exception(item))
         else:
-            raise TypeError(f"expected TrajectoryGroup or Trajectory items, got {type(item).__name__}")
-    if loose:
-        groups.append(TrajectoryGroup(loose))
+            raise TypeError(f"expected TrajectoryGroup, Trajectory or exception items, got {type(item).__name__}")
+    if loose or errors:
+        groups.append(TrajectoryGroup(loose, exceptions=errors))
+    for group in groups:
+        if group.pending:
+            raise TypeError("a TrajectoryGroup with rollouts still pending cannot be logged: await it first")
     return groups
 
 
 def _as_float(key: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """A metric's value as a float: ints and bools count (ART's ``metrics["win"] = True``), nothing else."""
+    if not isinstance(value, (int, float)):
         raise TypeError(f"metric {key!r} must be a number, got {type(value).__name__}")
     return float(value)
 
@@ -201,8 +217,8 @@ def _trajectory_record(g: int, t: int, group: TrajectoryGroup, trajectory: Traje
         "group": g,
         "index": t,
         "reward": trajectory.reward if math.isfinite(trajectory.reward) else None,
-        "metrics": {k: v for k, v in trajectory.metrics.items() if _finite_number(v)},
-        "messages": [_readable(item) for item in trajectory.messages_and_choices],
+        "metrics": {k: v for k, v in as_float_metrics(trajectory.metrics).items() if _finite_number(v)},
+        "messages": [_readable(item) for item in as_messages_and_choices(trajectory.messages_and_choices)],
     }
     sampled_step = group.effective_sampled_step()
     if sampled_step is not None:
@@ -214,12 +230,13 @@ def _trajectory_record(g: int, t: int, group: TrajectoryGroup, trajectory: Traje
     return record
 
 
-def _readable(item: dict[str, Any] | Choice) -> dict[str, Any]:
-    if not isinstance(item, Choice):
+def _readable(item: dict[str, Any] | Choice | Any) -> dict[str, Any]:
+    """A message as a person reads it; a sampled turn with its token count, finish reason and mean logprob."""
+    if isinstance(item, dict):
         return item
-    message: dict[str, Any] = {"role": item.message.role, "content": item.message.content}
-    if item.message.tool_calls:
-        message["tool_calls"] = item.message.tool_calls
+    message = choice_as_message(item)  # a Choice, or an openai choice that carried no token ids
+    if not isinstance(item, Choice):
+        return message
     message["num_tokens"] = len(item.token_ids)
     if item.finish_reason is not None:
         message["finish_reason"] = item.finish_reason
@@ -229,4 +246,4 @@ def _readable(item: dict[str, Any] | Choice) -> dict[str, Any]:
 
 
 def _finite_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, float) and math.isfinite(value)

@@ -112,11 +112,12 @@ class LocalBackend(QueueBackend):
         trainer_args: extra ``python -m trainer_worker`` flags.
         startup_timeout: seconds the workers may take to become ready.
         progress: report what is being started on stderr.
+        in_process: ART's option; only ``False``: trainq's workers always run as services of their own.
     """
 
     def __init__(
         self,
-        path: str = ".trainq",
+        path: str | None = ".trainq",
         *,
         base_model: str | None = None,
         redis_url: str | None = None,
@@ -128,10 +129,13 @@ class LocalBackend(QueueBackend):
         trainer_args: list[str] | None = None,
         startup_timeout: float = 900.0,
         progress: bool = True,
+        in_process: bool = False,
     ) -> None:
+        if in_process:
+            raise ValueError("in_process=True is not supported: trainq's trainer and inference workers are services")
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
-        self.path = path
+        self.path = path or ".trainq"
         self.base_model = base_model
         self.inference_base_url: str | None = None
         self.inference_api_key: str | None = None

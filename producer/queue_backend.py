@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 import uuid
 from typing import TYPE_CHECKING
@@ -24,10 +25,11 @@ from producer.types import (
     TrainConfig,
     TrainRequest,
     TrajectoryGroup,
-    encode_groups,
 )
+from producer.validation import encode_groups
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
     from typing import Unpack
 
     from celery import Celery
@@ -90,9 +92,10 @@ class QueueBackend(Backend):
         await self.wait_served(model, outcome.step)
 
     async def submit_train(
-        self, model: TrainableModel, groups: list[TrajectoryGroup], **options: Unpack[TrainOptions]
+        self, model: TrainableModel, groups: Iterable[TrajectoryGroup], **options: Unpack[TrainOptions]
     ) -> TrainJob:
-        config = build_config(options)
+        config, verbose = build_config(dict(options))
+        groups = list(groups)
         # Validated as encoded, before any I/O: a bad field is a ValueError naming it.
         payload = encode_groups(groups, allow_missing_logprobs=config.allow_training_without_logprobs)
         await self._prepare(model)
@@ -101,12 +104,15 @@ class QueueBackend(Backend):
                 f"the encoded groups are {len(payload):,} bytes, over max_payload_bytes={self.max_payload_bytes:,}; "
                 "split them over several train calls"
             )
-        return await self._submit(model, "train", config=config, payload=payload)
+        job = await self._submit(model, "train", config=config, payload=payload)
+        if verbose:
+            _say(f"job {job.job_id} queued for {model.project}/{model.name}: {len(groups)} groups, {len(payload):,} bytes")
+        return job
 
     async def train(
         self,
         model: TrainableModel,
-        groups: list[TrajectoryGroup],
+        groups: Iterable[TrajectoryGroup],
         *,
         timeout: float | None = None,
         **options: Unpack[TrainOptions],
@@ -115,6 +121,9 @@ class QueueBackend(Backend):
         result = await job.result(timeout=timeout)
         model._set_step(result.step)
         await self.wait_served(model, result.step)
+        if options.get("verbose"):
+            _say(f"job {job.job_id}: step {result.step} of {model.project}/{model.name} "
+                 f"(queued {result.queued_s:.1f} s, trained {result.train_s:.1f} s); served")
         return result
 
     def job(self, job_id: str) -> TrainJob:
@@ -153,6 +162,7 @@ class QueueBackend(Backend):
         return False
 
     async def close(self) -> None:
+        await self._close_models()
         await self._redis.aclose()
         if self._celery is not None:
             await asyncio.to_thread(self._celery.close)
@@ -233,6 +243,10 @@ class QueueBackend(Backend):
             )
         except Exception:  # noqa: BLE001 - Redis itself may be what failed; the raise below says so
             pass
+
+
+def _say(message: str) -> None:
+    print(f"trainq: {message}", file=sys.stderr, flush=True)
 
 
 async def _served_models(client: httpx.AsyncClient) -> set[str]:

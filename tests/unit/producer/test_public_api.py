@@ -22,7 +22,7 @@ def test_all_lists_the_public_names() -> None:
             "JobError", "JobFailedError", "JobNotFoundError", "JobRecord", "JobStatus", "LocalBackend",
             "LocalTrainResult", "Model", "PayloadTooLargeError", "QueueBackend", "QueueTrainResult", "TrainConfig",
             "TrainJob", "TrainOptions", "TrainResult", "TrainTimeoutError", "TrainableModel", "TrainqError",
-            "Trajectory", "TrajectoryGroup", "gather_trajectory_groups",
+            "Trajectory", "TrajectoryGroup", "gather_trajectories", "gather_trajectory_groups",
         ]
     )
     for name in producer.__all__:
@@ -38,8 +38,10 @@ def test_importing_the_sdk_imports_no_gpu_package() -> None:
     assert out.strip() == "[]"
 
 
-def test_train_keywords_are_exactly_the_config_fields() -> None:
-    assert set(typing.get_type_hints(TrainOptions)) == set(TrainConfig.__struct_fields__)
+def test_train_keywords_are_exactly_the_config_fields_and_arts_no_op_keywords() -> None:
+    from producer.backend import ART_NO_OP_KEYWORDS
+
+    assert set(typing.get_type_hints(TrainOptions)) == set(TrainConfig.__struct_fields__) | set(ART_NO_OP_KEYWORDS)
 
 
 async def test_unknown_keyword_is_a_type_error_before_any_io() -> None:

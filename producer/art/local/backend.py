@@ -1,0 +1,5 @@
+"""ART's ``art.local.backend``."""
+
+from producer.local_backend import LocalBackend
+
+__all__ = ["LocalBackend"]
