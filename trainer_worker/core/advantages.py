@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-__all__ = ["STD_EPSILON", "group_advantages", "population_std"]
+__all__ = ["STD_EPSILON", "balanced_advantage", "group_advantages", "population_std"]
 
 STD_EPSILON = 1e-6
 
@@ -39,3 +39,12 @@ def group_advantages(rewards: Sequence[float], *, scale_rewards: bool = True) ->
         return centered
     scale = population_std(rewards) + STD_EPSILON
     return [c / scale for c in centered]
+
+
+def balanced_advantage(advantage: float, balance: float) -> float:
+    """``advantage`` weighed by ``1 + balance`` if positive, ``1 - balance`` if negative (ART's ``advantage_balance``).
+
+    ``balance`` in [-1, 1]: 0 leaves every advantage as it is, 1 trains on the
+    better-than-average trajectories only, -1 on the worse ones only.
+    """
+    return advantage * (1.0 + balance if advantage > 0 else 1.0 - balance)

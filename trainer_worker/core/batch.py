@@ -6,13 +6,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from producer.types import TrainConfig, Trajectory, TrajectoryGroup
-from trainer_worker.core.advantages import group_advantages, population_std
+from trainer_worker.core.advantages import balanced_advantage, group_advantages, population_std
 from trainer_worker.core.packing import TrainSequence
 from trainer_worker.core.tokenize import TokenizedTrajectory
 
 __all__ = ["PreparedBatch", "prepare_batch"]
 
-Tokenizer = Callable[[Trajectory], TokenizedTrajectory]
+Tokenizer = Callable[[Trajectory], list[TokenizedTrajectory]]
 
 
 @dataclass(frozen=True)
@@ -30,10 +30,12 @@ def prepare_batch(
     step is unknown, or lies in the future). Rewards metrics cover every
     submitted group, stale or not: they describe the rollouts, not the update.
     Tokenization errors are re-raised as ``ValueError`` naming the trajectory.
+    A trajectory may train as several sequences (see ``tokenize``); each
+    carries the trajectory's advantage.
     """
     sequences: list[TrainSequence] = []
     staleness: list[int] = []
-    stale = trainable = trained_trajectories = 0
+    stale = trainable = trained_trajectories = rendered = split = 0
     for g, group in enumerate(groups):
         sampled = group.effective_sampled_step()
         age = max(latest_step - sampled, 0) if sampled is not None else 0
@@ -48,10 +50,13 @@ def prepare_batch(
         trained_trajectories += len(group.trajectories)
         for t, (trajectory, advantage) in enumerate(zip(group.trajectories, advantages, strict=True)):
             try:
-                tokens = tokenize(trajectory)
+                pieces = tokenize(trajectory)
             except ValueError as exc:
                 raise ValueError(f"groups[{g}].trajectories[{t}].{exc}") from exc
-            sequences.append(TrainSequence(tokens=tokens, advantage=advantage))
+            rendered += not all(piece.sampler_context for piece in pieces)
+            split += len(pieces) > 1
+            weighted = balanced_advantage(advantage, config.advantage_balance)
+            sequences.extend(TrainSequence(tokens=piece, advantage=weighted) for piece in pieces)
 
     rewards = [t.reward for group in groups for t in group.trajectories]
     metrics = {
@@ -60,6 +65,9 @@ def prepare_batch(
         "num_groups_trainable": float(trainable),
         "num_trajectories": float(trained_trajectories),
         "num_trajectories_submitted": float(len(rewards)),
+        "num_trajectories_rendered": float(rendered),
+        "num_trajectories_split": float(split),
+        "mismatch_context_fraction": _unverified_context_fraction(sequences),
         "num_exceptions": float(sum(len(group.exceptions) for group in groups)),
         "staleness_mean": sum(staleness) / len(staleness) if staleness else 0.0,
         "staleness_max": float(max(staleness, default=0)),
@@ -71,3 +79,10 @@ def prepare_batch(
         ),
     }
     return PreparedBatch(sequences=sequences, metrics=metrics)
+
+
+def _unverified_context_fraction(sequences: list[TrainSequence]) -> float:
+    """Share of trained tokens whose context is not known to be the sampler's (rendered, not its prompt ids)."""
+    trained = sum(s.tokens.num_trained_tokens for s in sequences)
+    rendered = sum(s.tokens.num_trained_tokens for s in sequences if not s.tokens.sampler_context)
+    return rendered / trained if trained else 0.0

@@ -17,6 +17,9 @@ _CHUNK_TOKENS = 2048
 def per_token_logps(model: Any, batch: MicroBatch, device: torch.device | str) -> Tensor:
     """``(B, T)`` log-probability of each trained token given the tokens before it; 0 elsewhere.
 
+    Each token is scored at the temperature it was sampled at (logits divided
+    by it), the distribution the sampler drew it from and reported its logprob under.
+
     Only the positions that predict a trained token (``loss_mask``) go through
     the LM head: prompts are most of a sequence, and a full-vocabulary logit
     row per prompt token (49k floats on SmolLM2) would dominate memory and the
@@ -39,19 +42,23 @@ def per_token_logps(model: Any, batch: MicroBatch, device: torch.device | str) -
         logits_to_keep=predictors,
     ).logits  # (B, K, V)
     targets = input_ids[:, predictors + 1]  # (B, K)
+    temperatures = batch.temperatures.to(device)[:, predictors + 1]  # (B, K)
     logps = torch.zeros(input_ids.shape, dtype=torch.float32, device=logits.device)  # (B, T)
-    logps[:, predictors + 1] = token_logps_at(logits, targets)
+    logps[:, predictors + 1] = token_logps_at(logits, targets, temperatures)
     return torch.where(wanted, logps, 0.0)
 
 
-def token_logps_at(logits: Tensor, targets: Tensor) -> Tensor:
-    """``(B, K)`` ``log_softmax(logits)[..., target]`` in float32, for logits ``(B, K, V)``.
+def token_logps_at(logits: Tensor, targets: Tensor, temperatures: Tensor | None = None) -> Tensor:
+    """``(B, K)`` ``log_softmax(logits / temperature)[..., target]`` in float32, for logits ``(B, K, V)``.
 
-    Computed in chunks so the float32 copy of a ``(K, V)`` vocabulary slab stays small.
+    ``temperatures`` is ``(B, K)`` (1 when ``None``). Computed in chunks so the
+    float32 copy of a ``(K, V)`` vocabulary slab stays small.
     """
     pieces = []
     for start in range(0, logits.shape[1], _CHUNK_TOKENS):
         chunk = logits[:, start : start + _CHUNK_TOKENS].float()  # (B, c, V)
+        if temperatures is not None:
+            chunk = chunk / temperatures[:, start : start + _CHUNK_TOKENS].unsqueeze(-1)  # (B, c, V)
         picked = chunk.gather(-1, targets[:, start : start + _CHUNK_TOKENS].unsqueeze(-1)).squeeze(-1)  # (B, c)
         pieces.append(picked - torch.logsumexp(chunk, dim=-1))
     return torch.cat(pieces, dim=1) if pieces else logits.new_zeros(targets.shape, dtype=torch.float32)

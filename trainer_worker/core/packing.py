@@ -48,6 +48,7 @@ class MicroBatch:
     loss_mask: Tensor  # (B, T) bool: sampled assistant tokens
     old_per_token_logps: Tensor  # (B, T) sampler logps; 0 where unknown
     logps_known: Tensor  # (B, T) bool: the sampler's logp is known
+    temperatures: Tensor  # (B, T) float32: the temperature each token was sampled at (1.0 off the mask)
     advantages: Tensor  # (B, T) the advantage of each token's sequence
     sequence_ids: Tensor  # (B, T) long in [0, num_sequences); -1 on padding
     num_sequences: int
@@ -113,6 +114,7 @@ def _columns(sequence: TrainSequence, seq_id: int) -> dict[str, Column]:
         "loss_mask": t.assistant_mask,
         "old_per_token_logps": t.sampler_logprobs,
         "logps_known": t.logprobs_known,
+        "temperatures": t.temperatures,
         "advantages": array("f", [sequence.advantage]) * n,
         "sequence_ids": [seq_id] * n,
     }
@@ -124,6 +126,7 @@ _DTYPES = {
     "loss_mask": torch.bool,
     "old_per_token_logps": torch.float32,
     "logps_known": torch.bool,
+    "temperatures": torch.float32,
     "advantages": torch.float32,
     "sequence_ids": torch.long,
 }
@@ -158,6 +161,7 @@ def _pad_rows(members: list[TrainSequence], pad_token_id: int) -> MicroBatch:
         "loss_mask": False,
         "old_per_token_logps": 0.0,
         "logps_known": False,
+        "temperatures": 1.0,
         "advantages": 0.0,
         "sequence_ids": -1,
     }

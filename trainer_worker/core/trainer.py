@@ -19,13 +19,14 @@ from typing import Any
 
 import torch
 
-from producer.types import JobOutcome, ModelRef, TrainConfig, TrajectoryGroup, validate_groups
+from producer.types import JobOutcome, ModelRef, TrainConfig, TrajectoryGroup
+from producer.validation import validate_groups
 from trainer_worker.core import checkpoints
 from trainer_worker.core.attention import ATTENTION
 from trainer_worker.core.batch import prepare_batch
 from trainer_worker.core.forward import per_token_logps
-from trainer_worker.core.loss import LossConfig, LossInputs, compute_loss, loss_config_from_train_config
 from trainer_worker.core.lora import LoadedModel, LoraSettings, setup_model
+from trainer_worker.core.loss import LossConfig, LossInputs, compute_loss, loss_config_from_train_config
 from trainer_worker.core.packing import MicroBatch, PackingMode, TrainSequence, build_microbatches
 from trainer_worker.core.tokenize import tokenize_trajectory
 
@@ -34,7 +35,11 @@ __all__ = ["MAX_GRAD_NORM", "Trainer"]
 log = logging.getLogger(__name__)
 
 MAX_GRAD_NORM = 1.0
-_LOSS_METRICS = ("loss", "policy_loss", "kl", "clip_fraction", "ratio_mean")
+_LOSS_METRICS = (
+    "loss", "policy_loss", "kl", "clip_fraction", "ratio_mean",
+    "mismatch_kl_k3", "mismatch_logprob_abs_diff", "mismatch_ratio_mean",
+)
+_MAX_METRICS = ("mismatch_ratio_max",)
 
 
 class Trainer:
@@ -149,10 +154,11 @@ class Trainer:
         batch = prepare_batch(groups, latest, config, tokenize)
 
         step = latest + 1
+        learning_rate = effective_learning_rate(config, batch.metrics)
         try:
             self._activate(model, latest)
-            step_metrics = self._optimize(batch.sequences, loss_config_from_train_config(config), config.learning_rate)
-            metrics = _finite({**batch.metrics, **step_metrics, "learning_rate": config.learning_rate})
+            step_metrics = self._optimize(batch.sequences, loss_config_from_train_config(config), learning_rate)
+            metrics = _finite({**batch.metrics, **step_metrics, "learning_rate": learning_rate})
             train_s = time.perf_counter() - started
             metrics["train_s"] = train_s
             saving = time.perf_counter()
@@ -224,10 +230,13 @@ class Trainer:
     def _optimize(self, sequences: list[TrainSequence], loss_config: LossConfig, learning_rate: float) -> dict[str, float]:
         """Forward/backward every micro-batch, clip, and take one AdamW step (none without sequences)."""
         totals: dict[str, float] = defaultdict(float)
+        maxima: dict[str, float] = dict.fromkeys(_MAX_METRICS, 0.0)
         num_tokens = sum(s.tokens.num_trained_tokens for s in sequences)
+        num_known = sum(sum(s.tokens.logprobs_known) for s in sequences)
         if num_tokens == 0:
             # Nothing to learn from: no optimizer step at all, so weights and AdamW moments stay as they are.
-            zeros = (*_LOSS_METRICS, "grad_norm", "num_tokens", "num_sequence_tokens", "num_microbatches")
+            zeros = (*_LOSS_METRICS, *_MAX_METRICS, "grad_norm", "num_tokens", "num_sequence_tokens",
+                     "num_microbatches")
             return dict.fromkeys(zeros, 0.0)
         pad_id = self._loaded.tokenizer.pad_token_id or 0
         microbatches = build_microbatches(sequences, self.max_tokens_per_microbatch, mode=self.packing, pad_token_id=pad_id)
@@ -235,10 +244,12 @@ class Trainer:
         model.train()
         self._optimizer.zero_grad(set_to_none=True)
         for batch in microbatches:
-            outputs = compute_loss(self._loss_inputs(batch, loss_config, num_tokens), loss_config)
+            outputs = compute_loss(self._loss_inputs(batch, loss_config, num_tokens, num_known), loss_config)
             outputs.loss.backward()
             for name, value in outputs.metrics.items():
                 totals[name] += value
+            for name, value in outputs.max_metrics.items():
+                maxima[name] = max(maxima[name], value)
         params = self._loaded.trainable_parameters()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM))
         if not math.isfinite(grad_norm):
@@ -249,13 +260,14 @@ class Trainer:
         self._optimizer.zero_grad(set_to_none=True)
         return {
             **{name: totals[name] for name in _LOSS_METRICS},
+            **maxima,
             "grad_norm": grad_norm,
             "num_tokens": float(num_tokens),
             "num_sequence_tokens": float(sum(len(s.tokens) for s in sequences)),
             "num_microbatches": float(len(microbatches)),
         }
 
-    def _loss_inputs(self, batch: MicroBatch, loss_config: LossConfig, num_tokens: int) -> LossInputs:
+    def _loss_inputs(self, batch: MicroBatch, loss_config: LossConfig, num_tokens: int, num_known: int) -> LossInputs:
         device = self._loaded.device
         model = self._loaded.model
         ref_logps = None
@@ -275,7 +287,24 @@ class Trainer:
             num_sequences=batch.num_sequences,
             ref_per_token_logps=ref_logps,
             token_normalizer=float(num_tokens),
+            sampler_logps_known=known,
+            known_token_normalizer=float(num_known),
         )
+
+
+def effective_learning_rate(config: TrainConfig, batch_metrics: dict[str, float]) -> float:
+    """``config.learning_rate``, scaled as ART's learning-rate options ask.
+
+    ``scale_learning_rate_by_reward_std_dev``: times the step's mean within-group
+    reward standard deviation; ``num_trajectories_learning_rate_multiplier_power``
+    ``p``: times (trajectories trained) ** p.
+    """
+    rate = config.learning_rate
+    if config.scale_learning_rate_by_reward_std_dev:
+        rate *= batch_metrics["reward_std_dev"]
+    if config.num_trajectories_learning_rate_multiplier_power:
+        rate *= max(batch_metrics["num_trajectories"], 1.0) ** config.num_trajectories_learning_rate_multiplier_power
+    return rate
 
 
 def _finite(metrics: dict[str, float]) -> dict[str, float]:

@@ -1,5 +1,7 @@
 """per_token_logps: only trained tokens, and exactly log_softmax of the full logits there."""
 
+from array import array
+
 import torch
 
 from trainer_worker.core.forward import per_token_logps
@@ -8,7 +10,7 @@ from trainer_worker.core.tokenize import TokenizedTrajectory
 
 
 def _sequence(ids: list[int], trained: list[bool]) -> TrainSequence:
-    return TrainSequence(TokenizedTrajectory(ids, trained, [-1.0] * len(ids), trained), advantage=1.0)
+    return TrainSequence(TokenizedTrajectory(ids, trained, [-1.0] * len(ids), trained, array('f', [1.0]) * len(ids)), advantage=1.0)
 
 
 def test_trained_positions_match_full_log_softmax_and_the_rest_is_zero(tiny_model):

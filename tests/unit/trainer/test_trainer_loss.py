@@ -155,3 +155,91 @@ def test_train_config_defaults_map_to_loss_config():
     assert ppo.objective == PPOClip(0.1, 0.3) and ppo.beta == 0.2
     seq = loss_config_from_train_config(TrainConfig(importance_sampling_level="sequence"))
     assert seq.importance_sampling_level == "sequence"
+
+
+# ------------------------------------------------ ART's options, by hand again
+
+LOG_RATIOS = [0.2, 0.0, -1.0, -0.2, -0.5]  # trained tokens, in order (seq 0 then seq 1)
+ADVANTAGES = [1.0, 1.0, 1.0, -1.0, -1.0]
+TRAINED_LOGPS = [-1.0, -0.5, -2.0, -0.3, -1.5]
+
+
+def cispo_terms(weights, advantages=ADVANTAGES):
+    return [-w * a * lp for w, a, lp in zip(weights, advantages, TRAINED_LOGPS, strict=True)]
+
+
+def test_negative_advantage_ratios_are_capped_and_positive_ones_are_not():
+    config = LossConfig(objective=CISPO(epsilon_high=10.0), max_negative_advantage_weight=0.75)
+    out = compute_loss(make_inputs(), config)
+    # seq 1 (A<0) ratios exp(-0.2)=0.819, exp(-0.5)=0.607 -> 0.75, 0.607; seq 0 untouched.
+    weights = [exp(0.2), 1.0, exp(-1.0), 0.75, exp(-0.5)]
+    assert out.loss.item() == pytest.approx(sum(cispo_terms(weights)) / N)
+
+
+def test_mask_prob_ratio_drops_the_tokens_outside_the_clip_range():
+    config = LossConfig(objective=PPOClip(0.2, 0.2), mask_prob_ratio=True)
+    out = compute_loss(make_inputs(), config)
+    # Inside (0.8, 1.2): exp(0.0)=1.0 (A=+1) and exp(-0.2)=0.819 (A=-1); the other three drop out.
+    assert out.loss.item() == pytest.approx((-1.0 + exp(-0.2)) / N)
+
+
+def test_truncated_importance_sampling_weighs_by_the_capped_mismatch_and_ratios_against_the_trainer():
+    inputs = make_inputs()
+    out = compute_loss(inputs, LossConfig(objective=CISPO(0.28), truncated_importance_sampling=1.1))
+    tis = [min(exp(r), 1.1) for r in LOG_RATIOS]  # the sampler-to-trainer ratio, capped
+    assert out.loss.item() == pytest.approx(sum(cispo_terms(tis)) / N)  # the policy weight is 1
+    assert out.metrics["ratio_mean"] == pytest.approx(1.0)
+    out.loss.backward()
+    # d/d logp of -w A logp, w detached
+    expected = [-w * a / N for w, a in zip(tis, ADVANTAGES, strict=True)]
+    assert inputs.per_token_logps.grad[torch.tensor(MASK)].tolist() == pytest.approx(expected)
+
+
+def test_kimi_k2_tau_lowers_each_advantage_by_tau_times_the_log_ratio():
+    out = compute_loss(make_inputs(), LossConfig(objective=CISPO(epsilon_high=10.0), kimi_k2_tau=0.5))
+    advantages = [a - 0.5 * r for a, r in zip(ADVANTAGES, LOG_RATIOS, strict=True)]
+    weights = [exp(r) for r in LOG_RATIOS]
+    assert out.loss.item() == pytest.approx(sum(cispo_terms(weights, advantages)) / N)
+
+
+@pytest.mark.parametrize("level", ["average", "geometric_average"])
+def test_average_levels_mix_the_token_and_the_sequence_ratio(level):
+    s0, s1 = (0.2 + 0.0 - 1.0) / 3, (-0.2 - 0.5) / 2
+    sequence = [s0, s0, s0, s1, s1]
+    if level == "average":
+        weights = [(exp(r) + exp(s)) / 2 for r, s in zip(LOG_RATIOS, sequence, strict=True)]
+    else:
+        weights = [exp((r + s) / 2) for r, s in zip(LOG_RATIOS, sequence, strict=True)]
+    out = compute_loss(make_inputs(), LossConfig(objective=CISPO(epsilon_high=10.0), importance_sampling_level=level))
+    assert out.loss.item() == pytest.approx(sum(cispo_terms(weights)) / N)
+
+
+def test_cispo_with_epsilon_clips_the_weight_from_below_too():
+    out = compute_loss(make_inputs(), LossConfig(objective=CISPO(epsilon_high=0.28, epsilon=0.2)))
+    weights = [exp(0.2), 1.0, 0.8, exp(-0.2), 0.8]  # exp(-1.0), exp(-0.5) raised to 0.8
+    assert out.loss.item() == pytest.approx(sum(cispo_terms(weights)) / N)
+    assert out.metrics["clip_fraction"] == pytest.approx(2 / N)
+
+
+def test_mismatch_metrics_compare_the_trainer_with_the_sampler_on_known_tokens_only():
+    inputs = make_inputs()
+    known = torch.tensor([[False, True, True, False], [False, True, True, False]])  # seq 0's last token: no logprob
+    out = compute_loss(LossInputs(**{**inputs.__dict__, "sampler_logps_known": known}), LossConfig())
+    diffs = [0.2, 0.0, -0.2, -0.5]  # log pi_trainer - log pi_sampler of the 4 known tokens
+    assert out.metrics["mismatch_kl_k3"] == pytest.approx(sum(exp(d) - 1 - d for d in diffs) / 4)
+    assert out.metrics["mismatch_logprob_abs_diff"] == pytest.approx(sum(abs(d) for d in diffs) / 4)
+    assert out.metrics["mismatch_ratio_mean"] == pytest.approx(sum(exp(d) for d in diffs) / 4)
+    assert out.max_metrics["mismatch_ratio_max"] == pytest.approx(exp(0.2))
+
+
+def test_loss_config_takes_arts_options_from_the_train_config():
+    from producer.types import TrainConfig
+    from trainer_worker.core.loss import loss_config_from_train_config
+
+    config = loss_config_from_train_config(TrainConfig(
+        epsilon=0.3, max_negative_advantage_importance_sampling_weight=2.0, mask_prob_ratio=True,
+        truncated_importance_sampling=1.5, kimi_k2_tau=0.1, importance_sampling_level="average",
+    ))
+    assert config.objective == CISPO(epsilon_high=0.28, epsilon=0.3)
+    assert (config.max_negative_advantage_weight, config.mask_prob_ratio, config.truncated_importance_sampling,
+            config.kimi_k2_tau, config.importance_sampling_level) == (2.0, True, 1.5, 0.1, "average")

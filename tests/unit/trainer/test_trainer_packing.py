@@ -1,5 +1,7 @@
 """Packing: budgets hold, and packed rows give the same log-probs as one sequence at a time."""
 
+from array import array
+
 import pytest
 import torch
 
@@ -18,7 +20,7 @@ def make_sequences(lengths=LENGTHS, seed=0):
     for i, n in enumerate(lengths):
         ids = torch.randint(3, 400, (n,), generator=generator).tolist()
         mask = [False] + [True] * (n - 1)
-        sequences.append(TrainSequence(TokenizedTrajectory(ids, mask, [-1.0] * n, mask), advantage=float(i)))
+        sequences.append(TrainSequence(TokenizedTrajectory(ids, mask, [-1.0] * n, mask, array('f', [1.0]) * n), advantage=float(i)))
     return sequences
 
 

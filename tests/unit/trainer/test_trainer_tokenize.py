@@ -39,7 +39,7 @@ def test_sampled_token_ids_are_used_verbatim(tokenizer):
     # Ids the tokenizer would never produce for the message text: they must survive as they are.
     odd = [300, 17, 42, 99]
     choice = Choice(token_ids=odd, logprobs=[-0.1, -0.2, -0.3, -0.4], message=ChoiceMessage(content="yes"))
-    tokens = tokenize_trajectory(Trajectory([{"role": "user", "content": "hi"}, choice]), tokenizer)
+    [tokens] = tokenize_trajectory(Trajectory([{"role": "user", "content": "hi"}, choice]), tokenizer)
     prompt = encode(tokenizer, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
     im_end_nl = encode(tokenizer, "<|im_end|>\n")
     assert tokens.input_ids == prompt + odd + im_end_nl
@@ -52,7 +52,7 @@ def test_sampled_token_ids_are_used_verbatim(tokenizer):
 
 def test_sampled_end_of_turn_is_trained_and_not_repeated(tokenizer):
     messages = [{"role": "system", "content": "Answer with yes, no or maybe."}, {"role": "user", "content": "maybe?"}]
-    tokens = tokenize_trajectory(Trajectory([*messages, sampled(tokenizer, "no", eos=True)]), tokenizer)
+    [tokens] = tokenize_trajectory(Trajectory([*messages, sampled(tokenizer, "no", eos=True)]), tokenizer)
     expected = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": "no"}], tokenize=False)
     assert tokens.input_ids == encode(tokenizer, expected)
     start, stop = trained_spans(tokens)[0]
@@ -71,7 +71,7 @@ def test_multi_turn_with_tool_message_matches_the_template(tokenizer):
         second,
         {"role": "user", "content": "this message comes after the last choice"},
     ]
-    tokens = tokenize_trajectory(Trajectory(items), tokenizer)
+    [tokens] = tokenize_trajectory(Trajectory(items), tokenizer)
     as_messages = [m if isinstance(m, dict) else {"role": "assistant", "content": m.message.content} for m in items[:-1]]
     assert tokens.input_ids == encode(tokenizer, tokenizer.apply_chat_template(as_messages, tokenize=False))
     spans = trained_spans(tokens)
@@ -88,7 +88,7 @@ def test_plain_assistant_messages_are_context(tokenizer):
         {"role": "user", "content": "maybe?"},
         sampled(tokenizer, "yes"),
     ]
-    tokens = tokenize_trajectory(Trajectory(items), tokenizer)
+    [tokens] = tokenize_trajectory(Trajectory(items), tokenizer)
     assert len(trained_spans(tokens)) == 1
     assert sum(tokens.assistant_mask) == len(items[-1].token_ids)
 
@@ -102,7 +102,7 @@ def test_tools_are_passed_to_the_template(tokenizer):
     original = tokenizer.chat_template
     tokenizer.chat_template = tools_template
     try:
-        tokens = tokenize_trajectory(
+        [tokens] = tokenize_trajectory(
             Trajectory([{"role": "user", "content": "hi"}, sampled(tokenizer, "yes")], tools=tools), tokenizer
         )
     finally:
@@ -115,7 +115,7 @@ def test_missing_logprobs_need_the_flag(tokenizer):
     trajectory = Trajectory([{"role": "user", "content": "hi"}, choice])
     with pytest.raises(ValueError, match="allow_training_without_logprobs"):
         tokenize_trajectory(trajectory, tokenizer)
-    tokens = tokenize_trajectory(trajectory, tokenizer, allow_missing_logprobs=True)
+    [tokens] = tokenize_trajectory(trajectory, tokenizer, allow_missing_logprobs=True)
     assert sum(tokens.assistant_mask) == 2 and not any(tokens.logprobs_known)
 
 
@@ -136,3 +136,131 @@ def test_a_message_the_template_cannot_render_is_a_value_error_saying_so(tokeniz
     trajectory = Trajectory([{"role": "user", "content": {"text": "hi"}}, sampled(tokenizer, "yes")])
     with pytest.raises(ValueError, match="chat template could not render the messages: TypeError"):
         tokenize_trajectory(trajectory, tokenizer)
+
+
+# ----------------------------------------------------- the sampler's own tokens
+
+
+def sampler_turn(tokenizer, history, content, *, template=None, temperature=None):
+    """A turn as trainq's inference worker returns it: the prompt ids vLLM rendered for ``history``, and the
+    sampled ids of ``content`` + <|im_end|>."""
+    prompt = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True, chat_template=template)
+    choice = sampled(tokenizer, content)
+    choice.prompt_token_ids = encode(tokenizer, prompt)
+    choice.temperature = temperature
+    return choice
+
+
+def play(tokenizer, contents, *, template=None, temperatures=None):
+    """A multi-turn trajectory sampled turn by turn, each prompt rendered from the history as the server does."""
+    history = [{"role": "system", "content": "Guess the number."}, {"role": "user", "content": "Go."}]
+    items = list(history)
+    for turn, content in enumerate(contents):
+        temperature = temperatures[turn] if temperatures else None
+        choice = sampler_turn(tokenizer, history, content, template=template, temperature=temperature)
+        reply = {"role": "user", "content": "higher" if turn % 2 else "lower"}
+        items += [choice, reply]
+        history += [{"role": "assistant", "content": content}, reply]
+    return items
+
+
+def assert_each_turn_trained_under_its_own_prompt(sequences, choices):
+    """Every trained token sits right after the sampler's prompt and the turn's earlier sampled tokens."""
+    trained = [(seq, i) for seq in sequences for i, m in enumerate(seq.assistant_mask) if m]
+    assert len(trained) == sum(len(c.token_ids) for c in choices)
+    for choice in choices:
+        found = [seq for seq in sequences
+                 if seq.input_ids[: len(choice.prompt_token_ids)] == choice.prompt_token_ids
+                 and seq.input_ids[len(choice.prompt_token_ids): len(choice.prompt_token_ids) + len(choice.token_ids)]
+                 == choice.token_ids]
+        assert found, "a turn was not trained right after its own prompt"
+
+
+def test_a_turn_is_its_prompt_ids_then_its_sampled_ids(tokenizer):
+    choice = sampler_turn(tokenizer, [{"role": "user", "content": "hi"}], "yes", temperature=0.7)
+
+    [tokens] = tokenize_trajectory(Trajectory([{"role": "user", "content": "ignored: the ids rule"}, choice]), tokenizer)
+
+    assert tokens.input_ids == choice.prompt_token_ids + choice.token_ids
+    assert tokens.assistant_mask == [False] * len(choice.prompt_token_ids) + [True] * len(choice.token_ids)
+    assert tokens.temperatures.tolist() == pytest.approx([1.0] * len(choice.prompt_token_ids)
+                                                         + [0.7] * len(choice.token_ids))
+    assert tokens.sampler_context
+
+
+def test_turns_whose_prompts_extend_each_other_train_as_one_sequence(tokenizer):
+    items = play(tokenizer, ["50", "25", "37"])
+    choices = [item for item in items if isinstance(item, Choice)]
+
+    [tokens] = tokenize_trajectory(Trajectory(items), tokenizer)
+
+    # The last prompt holds the whole game so far; the sampled turns sit in it verbatim.
+    last = choices[-1]
+    assert tokens.input_ids == last.prompt_token_ids + last.token_ids
+    assert [tokens.input_ids[a:b] for a, b in trained_spans(tokens)] == [c.token_ids for c in choices]
+    assert_each_turn_trained_under_its_own_prompt([tokens], choices)
+
+
+# The server's template renders an assistant's earlier turns differently from what it sampled:
+# a reasoning block dropped from history, as reasoning models' templates do, or whitespace normalised.
+DROPS_REASONING = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['role'] == 'assistant' %}{{ m['content'].split('</think>')[-1] }}{% else %}{{ m['content'] }}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TRIMS = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.mark.parametrize(("template", "contents"), [
+    (DROPS_REASONING, ["<think>low</think>50", "<think>lower</think>25", "<think>up</think>37"]),
+    (TRIMS, ["  50 ", "25\n", " 37"]),
+])
+def test_a_template_that_renders_history_differently_splits_the_turns_and_trains_each_under_its_own_prompt(
+    tokenizer, template, contents
+):
+    items = play(tokenizer, contents, template=template, temperatures=[1.0, 0.7, 0.7])
+    choices = [item for item in items if isinstance(item, Choice)]
+
+    sequences = tokenize_trajectory(Trajectory(items), tokenizer)
+
+    assert [seq.input_ids for seq in sequences] == [c.prompt_token_ids + c.token_ids for c in choices]
+    for seq, choice in zip(sequences, choices, strict=True):
+        assert [seq.input_ids[a:b] for a, b in trained_spans(seq)] == [choice.token_ids]
+        assert seq.sampler_context
+    assert_each_turn_trained_under_its_own_prompt(sequences, choices)
+    assert [seq.temperatures[-1] for seq in sequences] == pytest.approx([1.0, 0.7, 0.7])
+
+
+def test_without_the_samplers_prompt_ids_the_template_renders_and_a_changed_history_splits(tokenizer):
+    # The trainer's own template drops reasoning from history, as the server's did above.
+    choices = [sampled(tokenizer, c) for c in ("<think>a</think>50", "<think>b</think>25")]
+    items = [{"role": "user", "content": "Go."}, choices[0], {"role": "user", "content": "lower"}, choices[1]]
+    original = tokenizer.chat_template
+    tokenizer.chat_template = DROPS_REASONING
+    try:
+        sequences = tokenize_trajectory(Trajectory(items), tokenizer)
+    finally:
+        tokenizer.chat_template = original
+
+    assert len(sequences) == 2
+    assert [[seq.input_ids[a:b] for a, b in trained_spans(seq)] for seq in sequences] == [
+        [choices[0].token_ids], [choices[1].token_ids]]
+    assert not any(seq.sampler_context for seq in sequences)
+
+
+def test_one_choice_without_prompt_ids_renders_the_whole_trajectory(tokenizer):
+    items = play(tokenizer, ["50", "25"])
+    items[-2].prompt_token_ids = None  # e.g. a turn sampled elsewhere
+
+    [tokens] = tokenize_trajectory(Trajectory(items[:-1]), tokenizer)
+
+    assert not tokens.sampler_context
+
+
+def test_prompt_ids_outside_the_vocabulary_are_rejected(tokenizer):
+    choice = Choice(token_ids=[5], logprobs=[-1.0], prompt_token_ids=[3, 100_000])
+    with pytest.raises(ValueError, match=r"prompt_token_ids: token id 100000 is outside"):
+        tokenize_trajectory(Trajectory([choice]), tokenizer, vocab_size=415)

@@ -190,3 +190,57 @@ def test_register_refuses_another_base_model(trainer):
     trainer.register(model)
     with pytest.raises(ValueError, match="registered with base model 'tiny-llama'"):
         trainer.register(ModelRef(project="unit", name="based", base_model="other"))
+
+
+# ------------------------------------- the sampler's distribution, measured per job
+
+
+def perfect_sampler_choice(trainer, prompt_ids, token_ids, temperature):
+    """A choice as an exact sampler would report it: log softmax(logits / T) of each token under the
+    model it sampled from (the base model: a fresh model's step 0 adds nothing to it)."""
+    model = trainer._loaded.model
+    ids = torch.tensor([prompt_ids + token_ids])
+    with torch.no_grad(), model.disable_adapter():
+        logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1].double() / temperature
+    logprobs = torch.log_softmax(logits, -1).gather(-1, torch.tensor(token_ids)[:, None]).squeeze(-1)
+    return Choice(token_ids=token_ids, logprobs=logprobs.tolist(), prompt_token_ids=prompt_ids,
+                  temperature=temperature, message=ChoiceMessage(content="x"))
+
+
+def sampler_groups(trainer, temperature, report_temperature=True):
+    prompts = ([1, 292, 201, 74, 75, 2, 201, 1, 67, 85, 288, 306, 201], [1, 292, 201, 80, 81, 82, 2, 201, 1, 67, 85, 201])
+    groups_ = []
+    for g, prompt in enumerate(prompts):
+        trajectories = []
+        for t, tokens in enumerate(([40, 41, 42, 2], [50, 51, 2], [60, 61, 62, 63])):
+            choice = perfect_sampler_choice(trainer, prompt, tokens, temperature)
+            if not report_temperature:
+                choice.temperature = None
+            trajectories.append(Trajectory([{"role": "user", "content": "-"}, choice], reward=float((t + g) % 3)))
+        groups_.append(TrajectoryGroup(trajectories, sampled_step=0))
+    return groups_
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_an_exact_samplers_tokens_show_no_mismatch_at_its_temperature(trainer, temperature):
+    model = model_ref(f"exact-{temperature}")
+    trainer.register(model)
+
+    metrics = trainer.train(f"job-exact-{temperature}", model, LR, sampler_groups(trainer, temperature)).metrics
+
+    assert metrics["num_tokens"] > 0 and metrics["num_trajectories_rendered"] == 0
+    assert metrics["mismatch_context_fraction"] == 0.0
+    assert metrics["mismatch_kl_k3"] < 1e-9
+    assert metrics["mismatch_logprob_abs_diff"] < 1e-5
+    assert metrics["mismatch_ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert metrics["mismatch_ratio_max"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_temperature_left_out_shows_as_mismatch(trainer):
+    model = model_ref("untempered")
+    trainer.register(model)
+
+    metrics = trainer.train("job-untempered", model, LR, sampler_groups(trainer, 0.5, report_temperature=False)).metrics
+
+    # Scored at 1.0 what was sampled at 0.5: the logprobs differ by far more than float error.
+    assert metrics["mismatch_logprob_abs_diff"] > 0.1 and metrics["mismatch_kl_k3"] > 1e-3
