@@ -229,9 +229,10 @@ class JobRunner:
         metrics.TRAIN_DURATION.labels(model).observe(time.time() - started)
         metrics.TRAINED_TOKENS.labels(model).inc(outcome.metrics.get("num_tokens", 0.0))
         metrics.LAST_STEP_TIME.labels(model).set(time.time())
-        for gauge, name in ((metrics.LOSS, "loss"), (metrics.REWARD, "reward")):
+        for name, gauge in metrics.STEP_GAUGES.items():
             if name in outcome.metrics:
                 gauge.labels(model).set(outcome.metrics[name])
+        metrics.RENDERED_TRAJECTORIES.labels(model).inc(outcome.metrics.get("num_trajectories_rendered", 0.0))
         if "checkpoint_save_s" in outcome.metrics:
             metrics.CHECKPOINT_SAVE.labels(model).observe(outcome.metrics["checkpoint_save_s"])
 

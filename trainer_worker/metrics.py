@@ -43,6 +43,33 @@ REWARD = Gauge("trainq_reward", "Mean reward of the latest step's groups.", ["mo
 LAST_STEP_TIME = Gauge(
     "trainq_last_step_timestamp_seconds", "Unix time of the latest committed step.", ["model"], registry=REGISTRY,
 )
+RENDERED_TRAJECTORIES = Counter(
+    "trainq_rendered_trajectories", "Trajectories trained without the sampler's prompt token ids "
+    "(their context re-rendered by the chat template).", ["model"], registry=REGISTRY,
+)
+
+# The training-inference mismatch of the latest step, measured before its update (core/loss.mismatch_metrics).
+MISMATCH_GAUGES = {
+    "mismatch_kl_k3": "trainq_mismatch_kl_k3",
+    "mismatch_logprob_abs_diff": "trainq_mismatch_logprob_abs_diff",
+    "mismatch_ratio_mean": "trainq_mismatch_ratio_mean",
+    "mismatch_ratio_max": "trainq_mismatch_ratio_max",
+    "mismatch_context_fraction": "trainq_mismatch_context_ratio",
+}
+_MISMATCH_HELP = {
+    "mismatch_kl_k3": "k3 estimate of KL(sampler || trainer) over the latest step's sampled tokens.",
+    "mismatch_logprob_abs_diff": "Mean |trainer logprob - sampler logprob| of the latest step's sampled tokens.",
+    "mismatch_ratio_mean": "Mean pi_trainer / pi_sampler of the latest step's sampled tokens.",
+    "mismatch_ratio_max": "Largest pi_trainer / pi_sampler among the latest step's sampled tokens.",
+    "mismatch_context_fraction": "Share of the latest step's trained tokens whose context is not the sampler's prompt.",
+}
+
+STEP_GAUGES: dict[str, Gauge] = {
+    "loss": LOSS,
+    "reward": REWARD,
+    **{name: Gauge(metric, _MISMATCH_HELP[name], ["model"], registry=REGISTRY) for name, metric in MISMATCH_GAUGES.items()},
+}
+"""Gauges set from the train step's metric of the same name."""
 
 
 class QueueDepthCollector(Collector):
