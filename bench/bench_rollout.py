@@ -364,7 +364,7 @@ def summarize(args: argparse.Namespace, results: dict[str, Results]) -> None:
 
 def model_path(name: str, tmp: Path) -> Path:
     if name == "tiny":
-        from trainer_worker.tiny_model import build_tiny_model
+        from tests.support.tiny_model import build_tiny_model
 
         return build_tiny_model(tmp / "tiny-llama")
     from producer.base_models import resolve_base_model
