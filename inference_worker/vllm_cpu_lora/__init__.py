@@ -21,7 +21,7 @@ Then, as the inference worker's flags ask (``--grouped-lora``, ``--fused-lora``,
 - ``grouped``: vLLM-CPU's per-token ``bgmv_*`` ops as one matmul per adapter in the batch;
 - ``rows``: a batch's rows per adapter slot, once per step;
 - ``fused``: each LoRA layer as one shrink and one expand per slot, its fused weights cached;
-- ``logits``: batches of prompt-logprobs requests through LoRA, which vLLM-CPU died on;
+- ``logits``: batches of prompt-logprobs requests through LoRA, which vLLM-CPU's engine dies on;
 - ``rows_kernel``: lora_rows.c, a layer's update in one C call, built for this CPU and called through ctypes;
 - ``rows_op``: lora_op.cpp, the compiled graph's op calling lora_rows.c from C++, built with cpp_extension;
 - ``compilation``: torch.compile with LoRA on, each LoRA layer one opaque op.

@@ -90,4 +90,3 @@ def _write(target: torch.Tensor, values: torch.Tensor, add: bool) -> None:
         target += values
     else:
         target.copy_(values)
-

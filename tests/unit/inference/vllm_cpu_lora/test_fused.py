@@ -233,7 +233,7 @@ def test_shapes_that_disagree_with_the_layer_never_reach_the_kernel(rows_path: l
 
 
 def test_a_wrapper_without_vllms_index_buffer_still_gets_its_rows() -> None:
-    """Another vLLM layout: the rows come from the ``token_lora_indices`` property, as they used to."""
+    """Another vLLM layout: the rows come from the ``token_lora_indices`` property."""
     torch.manual_seed(10)
     slices = LAYOUTS["qkv"]
     wrapper = punica_wrapper(MAPPINGS["mixed"])
