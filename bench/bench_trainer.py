@@ -160,7 +160,7 @@ def _forwarded_positions(trainer, groups) -> int:
 
 
 def model_path(name: str, tmp: Path) -> Path:
-    from trainer_worker.tiny_model import build_tiny_model
+    from tests.support.tiny_model import build_tiny_model
 
     if name == "tiny":
         return build_tiny_model(tmp / "tiny-llama")
@@ -182,7 +182,7 @@ def build_half_billion(path: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from trainer_worker.tiny_model import build_tiny_model
+    from tests.support.tiny_model import build_tiny_model
 
     tokenizer = AutoTokenizer.from_pretrained(build_tiny_model(path.parent / "tiny-tokenizer"))
     config = LlamaConfig(

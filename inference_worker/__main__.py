@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from inference_worker.settings import InferenceSettings
 from producer.settings import parse_settings
 
+__all__ = ["main", "resolve_model_path", "serve"]
+
 log = logging.getLogger("inference_worker")
 
 

@@ -33,7 +33,7 @@ class InferenceSettings(ServiceSettings):
     )
     grouped_lora: bool = Field(
         True,
-        description="On vLLM's CPU build, apply LoRA with trainq's grouped kernels (inference_worker/vllm_plugin.py) "
+        description="On vLLM's CPU build, apply LoRA with trainq's grouped kernels (inference_worker/vllm_cpu_lora) "
         "instead of vLLM's, which copy the adapter's weights once per token; no effect on GPU builds.",
     )
     fused_lora: bool = Field(
@@ -44,13 +44,18 @@ class InferenceSettings(ServiceSettings):
     lora_kernel: bool = Field(
         True,
         description="With --fused-lora, apply each LoRA layer in one call of a C kernel built for this CPU on first "
-        "use (inference_worker/lora_rows.c; without a C compiler torch's ops serve) instead of torch's ops; "
+        "use (inference_worker/vllm_cpu_lora/lora_rows.c; without a C compiler torch's ops serve) instead of torch's ops; "
         "--no-lora-kernel is the before of bench_rollout.py's A/B.",
     )
     compile_lora: bool = Field(
         False,
         description="On vLLM's CPU build, compile the model with LoRA on (LoRA layers as one opaque op, "
-        "inference_worker/vllm_lora_compile.py): ~1.2x the rollout tokens/s for ~55 s more at each vLLM start.",
+        "inference_worker/vllm_cpu_lora/compilation.py): ~1.2x the rollout tokens/s for ~55 s more at each vLLM start.",
+    )
+    kernel_cache: str | None = Field(
+        None, min_length=1,
+        description="Folder where vLLM's CPU build gets trainq's LoRA kernel and op built, once per source, CPU and "
+        "torch; ~/.cache/trainq/kernels by default.",
     )
     tool_call_parser: str = Field(
         "hermes",

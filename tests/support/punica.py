@@ -1,4 +1,4 @@
-"""vLLM-CPU LoRA fixtures for the plugin's tests: a real ``PunicaWrapperCPU``, its mappings, stacked weights."""
+"""Fixtures for inference_worker/vllm_cpu_lora's tests: a real ``PunicaWrapperCPU``, its mappings, stacked weights."""
 
 from __future__ import annotations
 
@@ -34,17 +34,17 @@ def original_add_lora_linear():  # type: ignore[no-untyped-def]
 
 
 def rows_kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
-    """What each call of the plugin's ``_apply_rows_kernel`` returns (True: lora_rows.c did the layer from Python)."""
-    from inference_worker import vllm_plugin
+    """What each call of ``fused._apply_rows_kernel`` returns (True: lora_rows.c did the layer from Python)."""
+    from inference_worker.vllm_cpu_lora import fused
 
     taken: list[bool] = []
-    apply = vllm_plugin._apply_rows_kernel
+    apply = fused._apply_rows_kernel
 
     def spy(*args: object) -> bool:
         taken.append(apply(*args))  # type: ignore[arg-type]
         return taken[-1]
 
-    monkeypatch.setattr(vllm_plugin, "_apply_rows_kernel", spy)
+    monkeypatch.setattr(fused, "_apply_rows_kernel", spy)
     return taken
 
 

@@ -1,6 +1,6 @@
 """Build a tiny, real Llama chat model on disk, with no hub access.
 
-Tests, benchmarks and examples use it where a real model would be too slow:
+Tests and benchmarks use it where a real model would be too slow:
 a byte-level BPE tokenizer trained here, a ChatML chat template (as SmolLM2's),
 and a randomly initialised ``LlamaForCausalLM`` (head size 64, which vLLM's CPU
 kernels support). ``model_type=llama`` keeps the tokenizer's pre-splitter on reload.

@@ -1,8 +1,8 @@
 // trainq_rows::lora_linear, the compiled vLLM-CPU graph's LoRA op without Python on the common path.
 //
-// Built and loaded by inference_worker/vllm_lora_kernel.py (load_op) for --compile-lora. The compiled
+// Built and loaded by rows_op.py in this folder for --compile-lora. The compiled
 // graph calls one LoRA op per layer, 120 a decode step of SmolLM2-135M; through trainq::lora_linear
-// (Python, vllm_lora_compile.py) each call cost ~10 us of Python and ctypes around a 2-12 us kernel.
+// (Python, compilation.py) each call cost ~10 us of Python and ctypes around a 2-12 us kernel.
 // This op does what that one does, `output` plus the layer's update for `x`, and calls lora_rows.c
 // itself, when two things the Python op published are still true:
 //
@@ -67,7 +67,7 @@ void set_layer(int64_t number, int64_t kernel_layer, int64_t in_features, int64_
                std::vector<at::Tensor> weights, std::vector<int64_t> versions, std::vector<int64_t> slots) {
     TORCH_CHECK(number >= 0 && weights.size() == versions.size(), "trainq_rows: a layer's number and versions");
     if (static_cast<size_t>(number) >= layers.size()) layers.resize(number + 1);
-    // Published right after its step (vllm_lora_compile.py): the layer belongs to that step's wrapper.
+    // Published right after its step (compilation.py): the layer belongs to that step's wrapper.
     Layer layer{kernel_layer, in_features, width, std::move(weights), std::move(versions), {},
                 step.rows >= 0 ? step.indices.data_ptr() : nullptr};
     for (int64_t slot : slots) {

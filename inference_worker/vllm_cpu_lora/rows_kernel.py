@@ -1,27 +1,28 @@
 """lora_rows.c, built for this CPU on first use and called through ctypes.
 
-With each LoRA layer's slices fused (``vllm_plugin.fused_add_lora_linear``),
-torch's ops still cost ~20 us a layer call in dispatch on a decode step's few
-rows (casts, two small matmuls, an add, for a few thousand multiply-adds;
-120 calls a step of SmolLM2-135M), and on a prompt's thousands of rows three
-passes over float32 intermediates as wide as the layer's output. The C kernel
-does a layer in one call, the sums in registers, and shares a batch of
-``SPLIT_ROWS`` rows or more out between threads.
+With each LoRA layer's slices fused (``fused``), torch's ops still cost ~20 us
+a layer call in dispatch on a decode step's few rows (casts, two small
+matmuls, an add, for a few thousand multiply-adds; 120 calls a step of
+SmolLM2-135M), and on a prompt's thousands of rows three passes over float32
+intermediates as wide as the layer's output. The C kernel does a layer in one
+call, the sums in registers, and shares a batch of ``SPLIT_ROWS`` rows or more
+out between threads.
 
-It is compiled with the machine's C compiler (``cc -O3 -march=native``) into
-``$TRAINQ_KERNEL_CACHE`` (default ``~/.cache/trainq/kernels``), named by a
-hash of the source, the flags, the compiler and the CPU's feature flags, so a
-cache shared between different machines never hands one another's build. The
-build writes a temporary file and renames it into place: several vLLM
-processes starting at once each get a whole library. Without a compiler (or
-with ``TRAINQ_VLLM_LORA_KERNEL=0``) ``load`` returns None and torch's ops
-serve.
+It is compiled with the machine's C compiler (``$CC``, else ``cc``, ``-O3
+-march=native``) into ``$TRAINQ_KERNEL_CACHE`` (default
+``~/.cache/trainq/kernels``), named by a hash of the source, the flags, the
+compiler and the CPU's feature flags. The build writes a temporary file and
+renames it into place: several vLLM processes starting at once each get a
+whole library. Without a compiler (or with ``TRAINQ_VLLM_LORA_KERNEL=0``)
+``load`` returns None and torch's ops serve.
 
-``load_op`` builds lora_op.cpp the same way with the C++ compiler, against
-the installed torch's headers (~5 s, once per torch version), and loads it
-as ``torch.ops.trainq_rows``: the op a ``--compile-lora`` graph calls, which
-calls this kernel from C++ (vllm_lora_compile.py). Without a C++ compiler
-the graph calls the Python op instead.
+Not ``torch.utils.cpp_extension``, which builds lora_op.cpp (``rows_op``):
+this is a C library that needs nothing of torch, loaded with ctypes (whose
+function pointer lora_op.cpp is also handed), while cpp_extension compiles
+C++ against torch's headers, links libtorch and loads the result as torch ops;
+and ``-march=native`` makes the build depend on the CPU, which cpp_extension's
+cache (sources and flags) does not key on, so a cache shared between machines
+could hand one CPU another's instructions.
 """
 
 from __future__ import annotations
@@ -37,13 +38,13 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from pathlib import Path
 
+from inference_worker.vllm_flags import KERNEL_CACHE, VLLMPluginFlag, flag_on
+
 log = logging.getLogger("vllm.plugins.trainq")
 
-__all__ = ["KERNEL_FLAG", "RowsKernel", "load", "load_op"]
+__all__ = ["BUILD_ERRORS", "SPLIT_ROWS", "RowsKernel", "cache_dir", "load", "open_library", "why_failed"]
 
-KERNEL_FLAG = "TRAINQ_VLLM_LORA_KERNEL"
 SOURCE = Path(__file__).with_name("lora_rows.c")
-OP_SOURCE = Path(__file__).with_name("lora_op.cpp")
 # Reassociating float32 sums lets the compiler vectorize the dot products; nothing else of fast-math.
 CFLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math",
           "-fno-signed-zeros", "-shared", "-fPIC")
@@ -56,7 +57,7 @@ SPLIT_ROWS = 256
 # rest is the layer's struct, built once (ctypes converts each argument, ~0.1 us apiece).
 ARGTYPES = (_p, _p, _i64, _i64, _p, _i64, _p, ctypes.c_float)
 # What a build or a load can fail with: no compiler or a bad library (OSError), no home directory for the
-# cache (RuntimeError), the compiler's error (CalledProcessError).
+# cache or a failed cpp_extension build (RuntimeError), the compiler's error (CalledProcessError).
 BUILD_ERRORS = (OSError, RuntimeError, subprocess.CalledProcessError)
 
 
@@ -154,13 +155,12 @@ def _helpers() -> ThreadPoolExecutor:
 @cache
 def load() -> ctypes.CDLL | None:
     """The built kernel library, or None where it cannot be built (logged once)."""
-    if os.environ.get(KERNEL_FLAG) == "0":
+    if not flag_on(VLLMPluginFlag.LORA_KERNEL, default=True):
         return None
-    compiler = os.environ.get("CC", "cc")
     try:
-        library = open_library(_build(compiler, SOURCE, CFLAGS))
+        library = open_library(build(os.environ.get("CC", "cc"), CFLAGS))
     except BUILD_ERRORS as exc:
-        log.warning("trainq: LoRA rows kernel unavailable, torch ops serve every batch (%s)", _why(exc))
+        log.warning("trainq: LoRA rows kernel unavailable, torch ops serve every batch (%s)", why_failed(exc))
         return None
     return library
 
@@ -174,61 +174,35 @@ def open_library(path: Path) -> ctypes.CDLL:
     return library
 
 
-@cache
-def load_op() -> bool:
-    """Build lora_op.cpp and load it into torch (``torch.ops.trainq_rows``); False where it cannot (logged once).
-
-    The op calls the kernel ``load`` built, so it needs that too, and a C++
-    compiler (``$CXX``, else ``c++``) that can build against torch's headers.
-    """
-    library = load()
-    if library is None:
-        return False
-    import torch
-
-    torch_dir = Path(torch.__file__).parent
-    abi = int(torch.compiled_with_cxx11_abi())
-    flags = ("-O2", "-std=c++20", "-shared", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{torch_dir / 'include'}")
-    libraries = (f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_dir / 'lib'}")
-    try:  # torch's version in the key: the op is built against its headers
-        built = _build(os.environ.get("CXX", "c++"), OP_SOURCE, flags, libraries, torch.__version__.encode())
-        torch.ops.load_library(str(built))
-    except BUILD_ERRORS as exc:
-        log.warning("trainq: LoRA op unavailable, the compiled graph's LoRA layers call Python (%s)", _why(exc))
-        return False
-    address = ctypes.cast(library.trainq_lora_rows, ctypes.c_void_p).value
-    torch.ops.trainq_rows.set_kernel(address, SPLIT_ROWS)  # the op's batches stay below the threads' split
-    return True
-
-
-def _why(exc: Exception) -> object:
+def why_failed(exc: Exception) -> object:
     """What a failed build says: the compiler's error output where there is one."""
     return getattr(exc, "stderr", None) or exc
 
 
-def _build(compiler: str, source: Path, flags: tuple[str, ...], libraries: tuple[str, ...] = (),
-           key: bytes = b"") -> Path:
-    """``source`` built with ``flags`` and linked with ``libraries`` into the cache, once per source, flags,
-    compiler, CPU and ``key``."""
+def cache_dir() -> Path:
+    """Where the kernel and the op are built: ``$TRAINQ_KERNEL_CACHE``, else ``~/.cache/trainq/kernels``."""
+    return Path(os.environ.get(KERNEL_CACHE) or Path.home() / ".cache" / "trainq" / "kernels")
+
+
+def build(compiler: str, flags: tuple[str, ...]) -> Path:
+    """``SOURCE`` built by ``compiler`` with ``flags`` into the cache, once per source, flags, compiler and CPU."""
     version = subprocess.run([compiler, "--version"], capture_output=True, check=True, text=True).stdout
-    parts = [source.read_bytes(), " ".join(flags).encode(), " ".join(libraries).encode(), version.encode(),
-             _cpu_flags(), key]
+    parts = [SOURCE.read_bytes(), " ".join(flags).encode(), version.encode(), _cpu_flags()]
     digest = hashlib.sha256(b"\0".join(parts))
-    cache_dir = Path(os.environ.get("TRAINQ_KERNEL_CACHE", Path.home() / ".cache" / "trainq" / "kernels"))
-    target = cache_dir / f"{source.stem}-{digest.hexdigest()[:16]}.so"
+    folder = cache_dir()
+    target = folder / f"{SOURCE.stem}-{digest.hexdigest()[:16]}.so"
     if target.exists():
         return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, partial = tempfile.mkstemp(dir=cache_dir, suffix=".so.partial")
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, partial = tempfile.mkstemp(dir=folder, suffix=".so.partial")
     os.close(fd)
     try:
-        command = [compiler, *flags, "-o", partial, str(source), *libraries]  # libraries after the source that needs them
-        subprocess.run(command, capture_output=True, check=True, text=True)
+        subprocess.run([compiler, *flags, "-o", partial, str(SOURCE)], capture_output=True, check=True, text=True)
         os.replace(partial, target)
     finally:
         if os.path.exists(partial):
             os.unlink(partial)
-    log.info("trainq: built %s at %s", source.name, target)
+    log.info("trainq: built %s at %s", SOURCE.name, target)
     return target
 
 

@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("vllm.lora.punica_wrapper.punica_cpu", reason="vLLM is not installed")
 
-from inference_worker import vllm_lora_compile, vllm_lora_kernel, vllm_plugin
+from inference_worker.vllm_cpu_lora import compilation, fused, rows_kernel, rows_op
 from tests.support.punica import (
     HIDDEN,
     LAYOUTS,
@@ -35,12 +35,12 @@ def _rows_op(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
     """trainq_rows::lora_linear, with the fused method installed as register() installs it (else it never publishes)."""
     from vllm.lora.punica_wrapper import punica_cpu
 
-    assert vllm_lora_kernel.load_op(), "lora_op.cpp did not build: is a C++ compiler (c++) installed?"
-    monkeypatch.setattr(vllm_lora_compile, "_op", vllm_lora_compile._op)  # the graph's op, as it was after the test
-    vllm_lora_compile._use_rows_op(True)
+    assert rows_op.load_op(), "lora_op.cpp did not build: is a C++ compiler (c++) installed?"
+    monkeypatch.setattr(compilation, "_op", compilation._op)  # the graph's op, as it was after the test
+    compilation._use_rows_op(True)
     wrapper_cls = punica_cpu.PunicaWrapperCPU  # as register() leaves it: vLLM's method kept beside the fused one
     monkeypatch.setattr(wrapper_cls, "_trainq_vllm_add_lora_linear", original_add_lora_linear(), raising=False)
-    monkeypatch.setattr(wrapper_cls, "add_lora_linear", vllm_plugin.fused_add_lora_linear)
+    monkeypatch.setattr(wrapper_cls, "add_lora_linear", fused.fused_add_lora_linear)
     return torch.ops.trainq_rows.lora_linear.default
 
 
@@ -50,14 +50,14 @@ def _layer(token_ids: tuple[int, ...], layout: str = "qkv") -> SimpleNamespace:
     a, b = stacked_weights(slices)
     layer = SimpleNamespace(punica_wrapper=punica_wrapper(token_ids), lora_a_stacked=a, lora_b_stacked=b,
                             output_slices=slices)
-    vllm_lora_compile.register_layer(layer)
+    compilation.register_layer(layer)
     return layer
 
 
 def _expected(layer: SimpleNamespace, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """What the fused kernel writes into a copy of ``y``, called directly."""
     out = y.clone()
-    vllm_plugin.fused_add_lora_linear(layer.punica_wrapper, out, x, layer.lora_a_stacked, layer.lora_b_stacked,
+    fused.fused_add_lora_linear(layer.punica_wrapper, out, x, layer.lora_a_stacked, layer.lora_b_stacked,
                                       1.0, layer.output_slices)
     return out
 
@@ -135,7 +135,7 @@ def test_the_cpp_op_hands_what_the_kernel_does_not_do_to_python(monkeypatch: pyt
     vllm_method = original_add_lora_linear()
     rows_op = _rows_op(monkeypatch)
     torch.manual_seed(9)
-    rows = vllm_lora_kernel.SPLIT_ROWS if case == "long batch" else 9
+    rows = rows_kernel.SPLIT_ROWS if case == "long batch" else 9
     layer = _layer((1,) * rows)
     x, y = _inputs(layer, rows)
     if case == "float32":
@@ -160,7 +160,7 @@ def test_the_cpp_op_keeps_each_wrappers_steps_apart(monkeypatch: pytest.MonkeyPa
         assert torch.equal(rows_op(y, x, layer._trainq_layer), _expected(layer, x, y))
 
 
-def test_enable_routes_lora_layers_through_the_op_and_keeps_compilation(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_install_routes_lora_layers_through_the_op_and_keeps_compilation(monkeypatch: pytest.MonkeyPatch) -> None:
     from vllm.lora.layers import base_linear
     from vllm.platforms import cpu as cpu_platform
 
@@ -170,21 +170,11 @@ def test_enable_routes_lora_layers_through_the_op_and_keeps_compilation(monkeypa
         monkeypatch.setattr(cls, name, cls.__dict__[name])  # restored after the test
     monkeypatch.setattr(layer_cls, "_trainq_compiled", False, raising=False)
 
-    assert vllm_lora_compile.enable()
+    compilation.install()
 
-    assert layer_cls._apply_lora_to_output is vllm_lora_compile._apply_lora_to_output
+    assert layer_cls._apply_lora_to_output is compilation._apply_lora_to_output
     assert platform_cls.__dict__["check_and_update_config"].__func__.__name__ == "check_and_update_config"
-    assert platform_cls.__dict__["check_and_update_config"].__func__.__module__ == vllm_lora_compile.__name__
-
-
-def test_the_supervisor_asks_for_compilation_only_when_told(monkeypatch: pytest.MonkeyPatch) -> None:
-    from inference_worker.settings import InferenceSettings
-    from inference_worker.supervisor import vllm_env
-
-    monkeypatch.setenv(vllm_plugin.COMPILED_LORA_FLAG, "1")  # a stale value in the worker's environment
-    common = {"redis_url": "redis://127.0.0.1:1/0", "base_model": "m", "checkpoint_root": "/tmp"}
-    assert vllm_env(InferenceSettings(**common))[vllm_plugin.COMPILED_LORA_FLAG] == "0"
-    assert vllm_env(InferenceSettings(**common, compile_lora=True))[vllm_plugin.COMPILED_LORA_FLAG] == "1"
+    assert platform_cls.__dict__["check_and_update_config"].__func__.__module__ == compilation.__name__
 
 
 def test_the_cpp_op_leaves_an_output_of_other_rows_to_torchs_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,6 +1,6 @@
 /* One LoRA layer's update for rows of bfloat16 activations, in one call.
  *
- * Built and loaded by inference_worker/vllm_lora_kernel.py (gcc -O3
+ * Built and loaded by rows_kernel.py in this folder (cc -O3
  * -march=native, called through ctypes, which shares large batches out between
  * threads, and from lora_op.cpp by its address, the compiled graph's op) for
  * vLLM-CPU: on a decode step a layer's update is a few thousand
@@ -17,7 +17,7 @@
  * where h_i is slice i's rank_s entries of h, B_s,i slice i's rank_s x width_i
  * expand matrix and round a rounding to bfloat16: the same formula and
  * roundings as vLLM-CPU's kernels and the torch path of
- * vllm_plugin.fused_add_lora_linear, up to the order of float32 additions.
+ * fused.fused_add_lora_linear, up to the order of float32 additions.
  *
  * The weights stay bfloat16, as vLLM holds them: on a decode step every
  * layer's weights come from memory (the base model's pass in between evicts
@@ -108,7 +108,7 @@ static inline float sum_lanes(f32x16 v) {
     return s;
 }
 
-/* What stays put between calls for one layer (vllm_lora_kernel._Layer mirrors it). */
+/* What stays put between calls for one layer (rows_kernel._Layer mirrors it). */
 typedef struct {
     int64_t in;                    /* columns of x */
     int64_t slices;

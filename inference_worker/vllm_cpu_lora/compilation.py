@@ -11,12 +11,12 @@ custom ops, opaque to the tracer. This does the same on CPU: every LoRA linear
 layer gets a number when vLLM builds it, and its ``_apply_lora_to_output``
 calls ``trainq::lora_linear(output, x, number)``, a custom op that looks the
 layer up and runs its punica wrapper's ``add_lora_linear`` (trainq's fused
-kernels, vllm_plugin.py) eagerly, on the mapping of the step being run. The
+layers, ``fused``) eagerly, on the mapping of the step being run. The
 graph around it (base projections, attention, norms) is compiled with the
 mode vLLM-CPU uses without LoRA.
 
 Where a C++ compiler can build against torch's headers, the graph calls
-``trainq_rows::lora_linear`` instead (lora_op.cpp, vllm_lora_kernel.load_op):
+``trainq_rows::lora_linear`` instead (lora_op.cpp, ``rows_op``):
 the same update, but the layer's call into lora_rows.c made from C++ for as
 long as the step and the layer this op last published (``_publish``) hold,
 and this op otherwise. Python's ~10 us around each of a decode step's 120
@@ -32,17 +32,18 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import torch  # only vLLM's processes import this module (vllm_plugin.register)
+import torch  # only vLLM's processes import this module (registration.register)
 
-from inference_worker import vllm_lora_kernel, vllm_plugin
+from inference_worker.vllm_cpu_lora import fused, rows_kernel, rows_op
+from inference_worker.vllm_cpu_lora.rows import step_rows
 
 log = logging.getLogger("vllm.plugins.trainq")
 
-__all__ = ["enable", "lora_linear", "register_layer"]
+__all__ = ["install", "lora_linear", "register_layer"]
 
 # Every LoRA linear layer this process built, by the number its graph calls the op with.
 _LAYERS: list[Any] = []
-# What the graph calls: trainq_rows::lora_linear once lora_op.cpp is loaded (enable), else trainq::lora_linear.
+# What the graph calls: trainq_rows::lora_linear once lora_op.cpp is loaded (install), else trainq::lora_linear.
 _op: Any = None
 # The (buffer, version, rows) of the step last handed to trainq_rows, so that it is handed over once.
 _published_step: tuple[int, int, int] | None = None
@@ -51,28 +52,21 @@ _published_step: tuple[int, int, int] | None = None
 _published_layers: dict[int, Any] = {}
 
 
-def enable() -> bool:
-    """Patch vLLM: keep compilation with LoRA, route LoRA linear layers through the op; False if it differs."""
-    try:
-        from vllm.config import CompilationMode
-        from vllm.lora.layers import base_linear
-        from vllm.platforms import cpu as cpu_platform
-        from vllm.platforms import current_platform
-    except ImportError as exc:
-        log.warning("trainq: LoRA stays eager (%s)", exc)
-        return False
-    if not current_platform.is_cpu():  # GPU builds compile with LoRA already, with their own LoRA ops
-        return False
-    layer_cls = base_linear.BaseLinearLayerWithLoRA
+def install() -> None:
+    """Patch vLLM-CPU: keep compilation with LoRA, route LoRA linear layers through the op (once per process)."""
+    from vllm.config import CompilationMode
+    from vllm.lora.layers import base_linear
+    from vllm.platforms import cpu as cpu_platform
+
+    layer_cls: Any = base_linear.BaseLinearLayerWithLoRA  # its methods replaced: no longer the class mypy knows
     if getattr(layer_cls, "_trainq_compiled", False):
-        return True
-    _use_rows_op(vllm_lora_kernel.load_op())
+        return
+    _use_rows_op(rows_op.load_op())
     _keep_compilation(cpu_platform.CpuPlatform, CompilationMode.DYNAMO_TRACE_ONCE)
     _number_layers(layer_cls)
     layer_cls._apply_lora_to_output = _apply_lora_to_output
     layer_cls._trainq_compiled = True
     log.info("trainq: vLLM-CPU compiles the model with LoRA on; each LoRA layer is one op (%s)", _op._name)
-    return True
 
 
 # Registered with the dispatcher directly rather than through torch.library.custom_op, whose Python
@@ -121,22 +115,22 @@ def _publish(module: Any, number: int, rows: int) -> None:
     """
     global _published_step
     wrapper = module.punica_wrapper
-    if type(wrapper).add_lora_linear is not vllm_plugin.fused_add_lora_linear or rows >= vllm_lora_kernel.SPLIT_ROWS:
+    if type(wrapper).add_lora_linear is not fused.fused_add_lora_linear or rows >= rows_kernel.SPLIT_ROWS:
         return
-    indices, groups = vllm_plugin._step_rows(wrapper)
+    indices, groups = step_rows(wrapper)
     if not groups or indices.numel() != rows or indices.is_inference() or indices.dtype != torch.int64:
         return
-    fused = vllm_plugin._fused_layer(wrapper, module.lora_a_stacked, module.lora_b_stacked, module.output_slices)
-    if fused is None or fused.kernel is None or any(slot not in fused.kernel_slots for slot, _ in groups):
+    layer = fused.fused_layer(wrapper, module.lora_a_stacked, module.lora_b_stacked, module.output_slices)
+    if layer is None or layer.kernel is None or any(slot not in layer.kernel_slots for slot, _ in groups):
         return
     step = (indices.data_ptr(), indices._version, rows)
     if step != _published_step:
         torch.ops.trainq_rows.set_step(indices, indices._version, rows, [slot for slot, _ in groups])
         _published_step = step
-    kernel = fused.kernel
-    _published_layers[number] = fused
-    torch.ops.trainq_rows.set_layer(number, kernel.address, kernel.in_features, kernel.width, list(fused.tensors),
-                                    fused.versions, list(fused.kernel_slots))
+    kernel = layer.kernel
+    _published_layers[number] = layer
+    torch.ops.trainq_rows.set_layer(number, kernel.address, kernel.in_features, kernel.width, list(layer.tensors),
+                                    layer.versions, list(layer.kernel_slots))
 
 
 def register_layer(layer: Any) -> int:
