@@ -95,8 +95,6 @@ async def play(client: AsyncOpenAI, model: TrainableModel, secret: int, config: 
             messages=messages,  # type: ignore[arg-type]
             max_tokens=config.max_tokens,
             temperature=config.temperature,
-            logprobs=True,
-            extra_body={"return_tokens_as_token_ids": True},
         )
         choice = Choice.from_openai(completion)
         messages_and_choices.append(choice)

@@ -73,8 +73,6 @@ async def rollout(
         messages=messages,  # type: ignore[arg-type]
         max_tokens=max_tokens,
         temperature=temperature,
-        logprobs=True,
-        extra_body={"return_tokens_as_token_ids": True},
     )
     choice = Choice.from_openai(completion)
     reward = reward_for(choice.message.content)

@@ -79,12 +79,16 @@ def is_openai_choice(item: Any) -> bool:
 
 
 def converted_item(item: Any) -> Any:
-    """An item of ``messages_and_choices``: an openai choice becomes a ``Choice`` if it carries token ids.
+    """An item of ``messages_and_choices``: an openai choice becomes a ``Choice`` if it carries token ids,
+    an openai message object (``choice.message``) the message dict it stands for.
 
     Anything else, and a choice without token ids, is returned as it is, for
     validation to name where it is and what is missing.
     """
     if not is_openai_choice(item):
+        if hasattr(item, "model_dump") and isinstance(getattr(item, "role", None), str):
+            dumped: dict[str, Any] = item.model_dump(mode="json", exclude_none=True)
+            return dumped
         return item
     try:
         return choice_from_openai(Choice, item, allow_missing_logprobs=True)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -198,7 +198,7 @@ async def _run(
 
 
 async def _finish_spec(
-    spec: _Spec, tasks: list[asyncio.Future[Any]], finish: Callable[[_Spec, list[Any]], Awaitable[Any]]
+    spec: _Spec, tasks: Sequence[asyncio.Future[Any]], finish: Callable[[_Spec, list[Any]], Awaitable[Any]]
 ) -> Any:
     return await finish(spec, list(await asyncio.gather(*tasks)))
 

@@ -48,7 +48,7 @@ def trajectories_path(model_dir: Path, split: str, step: int) -> Path:
 
 def write_log(
     model_dir: Path,
-    groups: Iterable[TrajectoryGroup | Trajectory] | None,
+    groups: Iterable[TrajectoryGroup | Trajectory | BaseException] | None,
     *,
     split: str,
     step: int,

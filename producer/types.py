@@ -252,7 +252,9 @@ class TrajectoryGroup(msgspec.Struct, array_like=True, gc=False):
     def __post_init__(self) -> None:
         items = self.trajectories if type(self.trajectories) is list else list(self.trajectories)
         if any(type(item) is not Trajectory for item in items):
-            items = _without_exceptions(items, self.exceptions)
+            errors = [item for item in items if isinstance(item, BaseException)]
+            items = [_rollout_or_trajectory(item) for item in items if not isinstance(item, BaseException)]
+            self.exceptions = [*self.exceptions, *errors]
         self.trajectories = items
         if any(not isinstance(info, ExceptionInfo) for info in self.exceptions):
             self.exceptions = [_as_exception_info(info) for info in self.exceptions]
@@ -285,20 +287,12 @@ class TrajectoryGroup(msgspec.Struct, array_like=True, gc=False):
         return min(steps) if steps else None
 
 
-def _without_exceptions(items: list[Any], exceptions: list[Any]) -> list[Any]:
-    """``items`` less the exceptions among them, which go to ``exceptions``; anything else is a ``TypeError``."""
-    kept = []
-    for item in items:
-        if isinstance(item, BaseException):
-            exceptions.append(item)
-        elif isinstance(item, Trajectory) or inspect.isawaitable(item):
-            kept.append(item)
-        else:
-            raise TypeError(
-                f"a TrajectoryGroup holds Trajectory objects, exceptions or awaitables of Trajectory, "
-                f"got {type(item).__name__}"
-            )
-    return kept
+def _rollout_or_trajectory(item: Any) -> Any:
+    if isinstance(item, Trajectory) or inspect.isawaitable(item):
+        return item
+    raise TypeError(
+        f"a TrajectoryGroup holds Trajectory objects, exceptions or awaitables of Trajectory, got {type(item).__name__}"
+    )
 
 
 def _as_exception_info(value: Any) -> ExceptionInfo:

@@ -17,7 +17,7 @@ from typing import Any
 import msgspec
 
 from producer import _float32
-from producer._openai import HOW_TO_REQUEST, is_openai_choice
+from producer._openai import HOW_TO_REQUEST, choice_from_openai, is_openai_choice
 from producer.types import (
     Choice,
     MessageOrChoice,
@@ -99,7 +99,10 @@ def _checked_trajectory(trajectory: Any, where: str, allow_missing_logprobs: boo
 
 def _not_an_item(item: Any, at: str) -> str:
     if is_openai_choice(item):
-        return f"{at}: an openai choice without token ids, so it cannot be trained on: {HOW_TO_REQUEST}"
+        try:  # what kept it from becoming a Choice when the trajectory was built
+            choice_from_openai(Choice, item, allow_missing_logprobs=True)
+        except ValueError as exc:
+            return f"{at}: the openai choice cannot be trained on: {exc}"
     return f"{at}: expected a chat message dict or a Choice, got {type(item).__name__}"
 
 

@@ -96,8 +96,8 @@ def test_a_choice_without_token_ids_names_where_it_is_and_how_to_get_them() -> N
     raw = completion(logprobs=False, token_ids=False, sampler=False).choices[0]
     groups = [TrajectoryGroup([Trajectory([*MESSAGES, raw], reward=1.0)])]
 
-    with pytest.raises(ValueError, match=r"messages_and_choices\[1\]: an openai choice without token ids.*"
-                                         r"return_token_ids"):
+    with pytest.raises(ValueError, match=r"messages_and_choices\[1\]: the openai choice cannot be trained on: "
+                                         r"the choice carries no token ids.*return_token_ids"):
         encode_groups(groups, allow_missing_logprobs=True)
 
 
