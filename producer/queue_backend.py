@@ -118,12 +118,17 @@ class QueueBackend(Backend):
         **options: Unpack[TrainOptions],
     ) -> QueueTrainResult:
         job = await self.submit_train(model, groups, **options)
-        result = await job.result(timeout=timeout)
-        model._set_step(result.step)
-        await self.wait_served(model, result.step)
+        result = await self.collect(model, job, timeout=timeout)
         if options.get("verbose"):
             _say(f"job {job.job_id}: step {result.step} of {model.project}/{model.name} "
                  f"(queued {result.queued_s:.1f} s, trained {result.train_s:.1f} s); served")
+        return result
+
+    async def collect(self, model: TrainableModel, job: TrainJob, *, timeout: float | None = None) -> QueueTrainResult:
+        """Wait for ``model``'s train ``job``; afterwards its step is the model's latest, and it is served."""
+        result = await job.result(timeout=timeout)
+        model._set_step(result.step)
+        await self.wait_served(model, result.step)
         return result
 
     def job(self, job_id: str) -> TrainJob:
