@@ -55,7 +55,7 @@ RECONNECT_GRACE_S = 30.0
 """How long a caller waiting on a job rides out lost contact with Redis (a restart) before it raises."""
 WORKER_GRACE_S = 60.0
 """How long a waited job's queue may have no live worker (a restart) before its waiters get ``NoWorkerError``."""
-_SUBSCRIBE_LAG_S = 0.1  # a new waiter is subscribed (and its record read) within this
+_SUBSCRIBE_LAG_S = 0.05  # a new waiter is subscribed (and its record read) within this
 _CHANNEL_PREFIX, _CHANNEL_SUFFIX = keys.job_channel("\0").split("\0")
 
 
@@ -225,6 +225,7 @@ class JobListener:
         self.poll_s = poll_s
         self.worker_grace_s = worker_grace_s
         self._waiters: dict[str, set[_Waiter]] = {}
+        self._changed = False  # waiters came or went since the subscriptions were last updated
         self._task: asyncio.Task[None] | None = None
         self._last_contact = time.monotonic()
         self._unserved_since: dict[str, float] = {}
@@ -233,6 +234,7 @@ class JobListener:
         """The job's record once it is terminal; ``TimeoutError`` after ``timeout`` seconds."""
         waiter = _Waiter(asyncio.get_running_loop().create_future(), reconnect_grace_s)
         self._waiters.setdefault(job_id, set()).add(waiter)
+        self._changed = True
         if self._task is None or self._task.done():
             self._last_contact = time.monotonic()
             self._task = asyncio.create_task(self._run(), name="trainq-job-listener")
@@ -244,6 +246,7 @@ class JobListener:
                 waiting.discard(waiter)
                 if not waiting:
                     del self._waiters[job_id]
+                    self._changed = True
 
     async def aclose(self) -> None:
         """Stop listening; whoever still waits gets ``BackendUnavailableError``."""
@@ -285,6 +288,9 @@ class JobListener:
 
     async def _subscribe(self, pubsub: Any, subscribed: set[str]) -> list[str]:
         """Follow the waited jobs' channels; return the jobs newly followed."""
+        if not self._changed and subscribed:
+            return []
+        self._changed = False
         fresh = [job_id for job_id in self._waiters if job_id not in subscribed]
         gone = [job_id for job_id in subscribed if job_id not in self._waiters]
         with translated_errors("waiting for jobs"):
