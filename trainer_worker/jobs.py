@@ -150,18 +150,18 @@ return {'ok'}
 # error, job ttl.
 _FAIL_SCRIPT = """
 if ARGV[2] ~= '' then
-""" + _FENCE.replace("\n", "\n  ") + """
+""" + _FENCE.replace("\n", "\n  ") + f"""
 end
 local status = redis.call('HGET', KEYS[1], 'status')
-if status == 'succeeded' or status == 'failed' or status == 'cancelled' then
-  return {'ended'}
+if {_TERMINAL} then
+  return {{'ended'}}
 end
 redis.call('HSET', KEYS[1], 'status', 'failed', 'error_type', ARGV[5], 'error', ARGV[6], 'finished_at', ARGV[4])
 redis.call('EXPIRE', KEYS[1], ARGV[7])
 redis.call('DEL', KEYS[6], KEYS[5])
 redis.call('SREM', KEYS[4], ARGV[1])
 redis.call('PUBLISH', KEYS[2], 'failed')
-return {'ok'}
+return {{'ok'}}
 """
 
 # A job handed back, its message about to go back in the queue: queued again, unless it moved on
@@ -335,7 +335,7 @@ class JobRunner:
             raise
         except _REJECTIONS as exc:
             self._finish_failed(request, claim, delivery_tag, exc)
-        except Exception as exc:
+        except Exception as exc:  # a failing job must not take the worker down
             log.exception("job %s failed", request.job_id)
             self._finish_failed(request, claim, delivery_tag, exc)
         else:

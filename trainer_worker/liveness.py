@@ -184,7 +184,7 @@ class Supervisor:
         except UNREACHABLE as exc:
             log.warning("liveness: Redis unreachable (%s); the leases run out in %.0f s unless it comes back",
                         exc, self.lease_ms / 1000)
-        except Exception:
+        except Exception:  # a bug here must not stop the worker's event loop
             log.exception("liveness tick failed")
 
     # -------------------------------------------------------------- private

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
@@ -39,12 +39,6 @@ def client(redis_url: str) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(redis_url)
     yield client
     client.close()
-
-
-@pytest.fixture
-async def backend(redis_url: str, tmp_path: Path) -> AsyncIterator[QueueBackend]:
-    async with QueueBackend(redis_url, path=str(tmp_path / "logs")) as backend:
-        yield backend
 
 
 def runner(client: redis.Redis, trainer, worker: str) -> JobRunner:
@@ -83,14 +77,20 @@ def fresh_model() -> ModelRef:
     return ModelRef(project="inproc", name=f"m{uuid.uuid4().hex[:8]}", base_model=BASE_MODEL)
 
 
+async def two_steps(backend: QueueBackend, worker: JobRunner, model: ModelRef) -> bytes:
+    """Register ``model`` and make steps 1 and 2; the message of the job that made step 1."""
+    await asyncio.to_thread(worker.run, await submit(backend, model, "register"))
+    first = await submit(backend, model)
+    await asyncio.to_thread(worker.run, first)
+    await asyncio.to_thread(worker.run, await submit(backend, model))
+    return first
+
+
 async def test_a_job_redelivered_after_its_record_expired_and_its_checkpoint_was_deleted_makes_no_second_step(
     client: redis.Redis, trainer, backend: QueueBackend
 ) -> None:
     model, worker = fresh_model(), runner(client, trainer, "w-a")
-    await asyncio.to_thread(worker.run, await submit(backend, model, "register"))
-    job = await submit(backend, model)
-    await asyncio.to_thread(worker.run, job)
-    await asyncio.to_thread(worker.run, await submit(backend, model))
+    job = await two_steps(backend, worker, model)
     await asyncio.to_thread(worker.run, await submit(backend, model, "delete_checkpoints", keep_steps=[]))
     assert model_step(client, model) == 2
 
@@ -107,10 +107,7 @@ async def test_a_job_redelivered_after_later_steps_never_moves_the_step_back(
     client: redis.Redis, trainer, backend: QueueBackend
 ) -> None:
     model, worker = fresh_model(), runner(client, trainer, "w-a")
-    await asyncio.to_thread(worker.run, await submit(backend, model, "register"))
-    first = await submit(backend, model)
-    await asyncio.to_thread(worker.run, first)
-    await asyncio.to_thread(worker.run, await submit(backend, model))
+    first = await two_steps(backend, worker, model)
     # The first job's message comes back with its record saying running and its groups still there,
     # as after a crash between its step and its record.
     first_id = job_id_of(first)
