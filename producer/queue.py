@@ -59,10 +59,10 @@ def build_celery_app(
     app = Celery(name, broker=redis_url, set_as_current=False)
     transport_options = {
         "visibility_timeout": visibility_timeout_s,
-        # kombu hands a dead worker's unacknowledged job out again from a sweep that runs
-        # when a worker starts and then every interval * throttle seconds (100 s by default).
-        # One sweep is one ZRANGE on a small set: run it every few seconds, so a job waits
-        # about visibility_timeout after its worker died, not up to 100 s more.
+        # kombu hands out again a taken message nobody renews (the backstop above) from a sweep
+        # that runs when a worker starts and then every interval * throttle seconds (100 s by
+        # default). One sweep is one ZRANGE on a small set: run it every few seconds, so such a
+        # message waits about visibility_timeout, not up to 100 s more.
         "unacked_restore_interval": min(10.0, max(1.0, visibility_timeout_s / 4)),
         "unacked_restore_throttle": 1,
     }
