@@ -1,19 +1,36 @@
-"""The boundary to redis-py: clients are made here and its errors become trainq's."""
+"""The boundary to redis-py: clients are made here, its errors become trainq's, and Redis restarts are ridden out."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
+from tenacity import RetryCallState, retry_if_exception_type, wait_exponential
 
 from producer.errors import BackendUnavailableError
 
+UNREACHABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError, BackendUnavailableError)
+"""What a Redis restart raises, on either side of the translation."""
 
-def connect(redis_url: str) -> aioredis.Redis:
-    """An asyncio client; ``rediss://`` and passwords in the URL work as redis-py reads them."""
-    return aioredis.Redis.from_url(redis_url, health_check_interval=30, socket_connect_timeout=5)
+MAX_CONNECTIONS = 6
+"""Connections one SDK client opens at most (one of them for the job listener's pub/sub); calls beyond wait."""
+
+
+def connect(redis_url: str, *, max_connections: int = MAX_CONNECTIONS) -> aioredis.Redis:
+    """An asyncio client on a bounded pool; ``rediss://`` and passwords in the URL work as redis-py reads them.
+
+    The pool blocks instead of growing, so a thousand concurrent calls from one
+    process share a few connections; each is named ``trainq-sdk`` in ``CLIENT LIST``.
+    """
+    pool = aioredis.BlockingConnectionPool.from_url(
+        redis_url, max_connections=max_connections, timeout=None, health_check_interval=30,
+        socket_connect_timeout=5, client_name="trainq-sdk",
+    )
+    return aioredis.Redis.from_pool(pool)
 
 
 @contextmanager
@@ -25,3 +42,24 @@ def translated_errors(what: str) -> Iterator[None]:
         raise BackendUnavailableError(f"{what}: Redis is unreachable ({exc})") from exc
     except redis_errors.AuthenticationError as exc:  # pragma: no cover - subclass of ConnectionError
         raise BackendUnavailableError(f"{what}: Redis refused the credentials ({exc})") from exc
+
+
+def redis_retrying(what: str, log: logging.Logger, stop: Callable[[RetryCallState], bool]) -> dict[str, Any]:
+    """tenacity's arguments for riding out a Redis restart, for ``Retrying(**...)`` or ``AsyncRetrying(**...)``.
+
+    Retries while Redis is unreachable, waiting 0.1 s, doubling to 5 s, until
+    ``stop`` says so; then the last error is raised as it was.
+    """
+
+    def say(state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        pause = state.next_action.sleep if state.next_action else 0.0
+        log.warning("%s: Redis unreachable (%s); retrying in %.1f s", what, error, pause)
+
+    return {
+        "retry": retry_if_exception_type(UNREACHABLE),
+        "wait": wait_exponential(multiplier=0.1, max=5.0),
+        "stop": stop,
+        "before_sleep": say,
+        "reraise": True,
+    }

@@ -3,7 +3,7 @@
     trainq demo                 train the yes/no/maybe example on the embedded default, locally
     trainq up                   run the local stack (Redis, trainer, inference) until Ctrl-C
     trainq down                 stop the local stack that `trainq up` (or a script) runs under --path
-    trainq status               queues, workers and registered models of a stack
+    trainq status               queues (and their leader), workers (leader, standby, dead) and models
     trainq jobs                 recent jobs, newest first
     trainq plot MODEL_DIR       reward and loss against step, as a PNG
 
@@ -121,31 +121,40 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    import msgspec
-
     from producer import keys
+    from producer.workers import read_workers
 
     client = _redis(args)
+    now = time.time()
+    workers = read_workers(client.hgetall(keys.WORKERS_KEY), client.hgetall(keys.WORKER_HEARTBEATS_KEY), now)
+    by_id = {w.info.worker_id: w.hostname for w in workers if w.info.worker_id}
     queues = _queues(client)
+    leaders = {queue: _leader(client, queue) for queue in queues}
     print("queues")
     rows = []
     for queue in sorted(queues):
         statuses = _recent_statuses(client, queue)
-        rows.append([queue, _queue_depth(client, queue), statuses.get("running", 0), statuses.get("succeeded", 0),
-                     statuses.get("failed", 0)])
-    print(_table(["queue", "waiting", "running", "succeeded", "failed"], rows) if rows else "  (none)")
+        token, holder = leaders[queue]
+        rows.append([queue, by_id.get(holder, holder or "-"), token or "-", _queue_depth(client, queue),
+                     statuses.get("running", 0), statuses.get("succeeded", 0), statuses.get("failed", 0)])
+    print(_table(["queue", "leader", "token", "waiting", "running", "succeeded", "failed"], rows)
+          if rows else "  (none)")
 
     print("\nworkers")
     rows = []
-    now = time.time()
-    for host, raw in sorted(client.hgetall(keys.WORKERS_KEY).items()):
-        info = msgspec.msgpack.decode(raw)
-        info = info if isinstance(info, dict) else {}
+    for worker in workers:
+        info = worker.info
+        if not worker.live:
+            role = "dead"
+        elif leaders.get(info.queue, ("", ""))[1] == info.worker_id:
+            role = "leader"
+        else:
+            role = "standby"
         rows.append([
-            host.decode(), info.get("queue", "?"), info.get("pid", "?"),
-            "ready" if info.get("ready_at") else "starting", _age(now - float(info.get("started_at") or now)),
+            worker.hostname, info.queue, role, info.pid, "ready" if info.ready_at else "starting",
+            _age(now - info.started_at), _age(now - worker.seen_at) + " ago" if worker.seen_at else "never",
         ])
-    print(_table(["worker", "queue", "pid", "state", "up"], rows) if rows else "  (none)")
+    print(_table(["worker", "queue", "role", "pid", "model", "up", "heartbeat"], rows) if rows else "  (none)")
 
     print("\nmodels")
     rows = []
@@ -242,20 +251,26 @@ def _redact(url: str) -> str:
 
 
 def _queues(client: Any) -> set[str]:
-    """Queues with job records, plus those a live worker serves."""
-    import msgspec
-
+    """Queues with job records, plus those a registered worker serves."""
     from producer import keys
+    from producer.workers import read_workers
 
     found = set()
     prefix, suffix = keys.queue_jobs_key("\0").split("\0")
     for key in client.scan_iter(match=keys.queue_jobs_key("*"), count=500):
         found.add(key.decode()[len(prefix): -len(suffix)])
-    for raw in client.hvals(keys.WORKERS_KEY):
-        info = msgspec.msgpack.decode(raw)
-        if isinstance(info, dict) and info.get("queue"):
-            found.add(info["queue"])
+    for worker in read_workers(client.hgetall(keys.WORKERS_KEY), {}, 0.0):
+        found.add(worker.info.queue)
     return found
+
+
+def _leader(client: Any, queue: str) -> tuple[str, str]:
+    """(fencing token, worker id) of the queue's leader; empty strings when none holds the lead."""
+    from producer import keys
+
+    holder = client.get(keys.queue_leader_key(queue))
+    token, _, worker_id = (holder.decode() if holder else "").partition(" ")
+    return token, worker_id
 
 
 def _queue_depth(client: Any, queue: str) -> int:
@@ -343,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     down = add("down", "stop the local stack running under --path", cmd_down)
     path_arg(down)
 
-    status = add("status", "queue depth, workers and registered models", cmd_status)
+    status = add("status", "queues and their leader, workers (leader, standby, dead), registered models", cmd_status)
     path_arg(status)
     redis_arg(status)
 

@@ -4,6 +4,7 @@
     ├── BackendUnavailableError   Redis or the broker cannot be reached; retryable
     ├── PayloadTooLargeError      a job's groups exceed the configured size; nothing was queued
     ├── TrainTimeoutError         waiting for a job ran past ``timeout``; the job goes on
+    ├── NoWorkerError             no live trainer worker serves the model's queue; names the live ones
     └── JobError                  about one job (``.job_id``)
         ├── JobNotFoundError      no record of that job id (never submitted, or expired)
         ├── JobCancelledError     cancelled while queued; it never ran
@@ -34,6 +35,24 @@ class TrainTimeoutError(TrainqError, TimeoutError):
     def __init__(self, job_id: str, timeout: float) -> None:
         super().__init__(f"job {job_id} did not finish within {timeout:g} s (it keeps running)")
         self.job_id = job_id
+
+
+class NoWorkerError(TrainqError):
+    """No live trainer worker serves a queue; the message names the queue and the workers that are live.
+
+    Usually the model's ``base_model`` differs from the worker's ``--base-model`` (a hub id on
+    one side, a local folder on the other). A job already queued stays queued.
+    """
+
+    def __init__(self, queue: str, live: list[str], *, waited_s: float, base_model: str | None = None) -> None:
+        serving = "; ".join(live) if live else "none"
+        wanted = f" (base model {base_model!r})" if base_model else ""
+        fix = f"start one with --base-model {base_model!r}, or " if base_model else "start one, or "
+        super().__init__(
+            f"no live trainer worker has served queue {queue}{wanted} for {waited_s:.0f} s; live workers: "
+            f"{serving}. {fix[0].upper()}{fix[1:]}give the model the base_model string a live worker serves"
+        )
+        self.queue = queue
 
 
 class JobError(TrainqError):

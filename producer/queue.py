@@ -23,12 +23,16 @@ __all__ = ["CONTENT_TYPE", "SERIALIZER", "build_celery_app", "TASK_TRAIN"]
 SERIALIZER = "trainq-msgpack"
 CONTENT_TYPE = "application/x-trainq-msgpack"
 
-DEFAULT_VISIBILITY_TIMEOUT_S = 6 * 3600
-"""How long a taken, unacknowledged job waits before Redis hands it out again.
+DEFAULT_VISIBILITY_TIMEOUT_S = 60.0
+"""How long kombu leaves a taken, unacknowledged message alone before handing it out again.
 
-It must exceed the longest job (a longer job would be handed out twice; the
-second run finds the first's checkpoint and makes no step, but wastes a slot).
-It is also how long a job waits after its whole worker was killed.
+A backstop only: a trainer worker moves the clock of every message it holds
+forward a few times a lease (``trainer_worker/liveness.py``), so a live job is
+never handed out again however long it runs, and a dead worker's job comes back
+through its lapsed lease. What is left to the timeout is a message whose worker
+died between taking it and recording that it did (milliseconds), and a lost
+acknowledgement (the copy is skipped). kombu's sweep covers every queue of the
+Redis database, so the shortest timeout among the workers applies to all.
 """
 
 
@@ -55,10 +59,10 @@ def build_celery_app(
     app = Celery(name, broker=redis_url, set_as_current=False)
     transport_options = {
         "visibility_timeout": visibility_timeout_s,
-        # kombu hands a dead worker's unacknowledged job out again from a sweep that runs
-        # when a worker starts and then every interval * throttle seconds (100 s by default).
-        # One sweep is one ZRANGE on a small set: run it every few seconds, so a job waits
-        # about visibility_timeout after its worker died, not up to 100 s more.
+        # kombu hands out again a taken message nobody renews (the backstop above) from a sweep
+        # that runs when a worker starts and then every interval * throttle seconds (100 s by
+        # default). One sweep is one ZRANGE on a small set: run it every few seconds, so such a
+        # message waits about visibility_timeout, not up to 100 s more.
         "unacked_restore_interval": min(10.0, max(1.0, visibility_timeout_s / 4)),
         "unacked_restore_throttle": 1,
     }

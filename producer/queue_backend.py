@@ -7,6 +7,7 @@ import logging
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import httpx
@@ -15,8 +16,8 @@ import msgspec
 from producer import keys
 from producer._redis import connect, translated_errors
 from producer.backend import Backend, TrainOptions, build_config
-from producer.errors import BackendUnavailableError, PayloadTooLargeError
-from producer.jobs import TrainJob
+from producer.errors import BackendUnavailableError, NoWorkerError, PayloadTooLargeError
+from producer.jobs import WORKER_GRACE_S, JobListener, TrainJob
 from producer.queue import build_celery_app
 from producer.types import (
     JobKind,
@@ -27,6 +28,7 @@ from producer.types import (
     TrajectoryGroup,
 )
 from producer.validation import encode_groups
+from producer.workers import live_on, read_workers
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -41,6 +43,7 @@ __all__ = ["QueueBackend"]
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_PAYLOAD_BYTES = 256 * 1024 * 1024
+WORKER_WAIT_S = 5.0
 
 
 class QueueBackend(Backend):
@@ -58,6 +61,15 @@ class QueueBackend(Backend):
             the new ``name@step`` (about 50 ms after the checkpoint), so the next rollouts can
             ask for it at once; after this many seconds they return anyway and log a warning.
             0 (or no ``inference_base_url``) returns as soon as the step is made.
+        worker_wait_s: ``register``, ``train`` and ``delete_checkpoints`` need a live trainer
+            worker on the model's queue (``keys.queue_name(base_model)``): without one after this
+            many seconds they raise ``NoWorkerError`` naming the queue and the live workers, and
+            queue nothing. ``submit_train`` queues all the same, for a worker started later.
+        worker_grace_s: a job waited on (``TrainJob.result()``) whose queue has had no live
+            worker for this long fails the wait with ``NoWorkerError``; the job stays queued.
+
+    All the handles of one backend wait through one ``JobListener``: one pub/sub
+    connection, however many jobs are waited on.
     """
 
     def __init__(
@@ -70,6 +82,8 @@ class QueueBackend(Backend):
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         payload_ttl_s: int = keys.JOB_TTL_S,
         serve_timeout_s: float = 60.0,
+        worker_wait_s: float = WORKER_WAIT_S,
+        worker_grace_s: float = WORKER_GRACE_S,
     ) -> None:
         self.redis_url = redis_url
         self.inference_base_url = inference_base_url
@@ -78,14 +92,19 @@ class QueueBackend(Backend):
         self.max_payload_bytes = max_payload_bytes
         self.payload_ttl_s = payload_ttl_s
         self.serve_timeout_s = serve_timeout_s
+        self.worker_wait_s = worker_wait_s
         self._redis = connect(redis_url)
+        self._listener = JobListener(self._redis, worker_grace_s=worker_grace_s)
         self._celery: Celery | None = None
+        # One thread sends to the broker, so the broker's connection pool holds one connection.
+        self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainq-send")
 
     # ------------------------------------------------------------------ public
 
     async def register(self, model: TrainableModel) -> None:
         await self._prepare(model)
         model._attach(self)
+        await self._require_worker(model)
         job = await self._submit(model, "register")
         outcome = await job.result()
         model._set_step(outcome.step)
@@ -94,20 +113,11 @@ class QueueBackend(Backend):
     async def submit_train(
         self, model: TrainableModel, groups: Iterable[TrajectoryGroup], **options: Unpack[TrainOptions]
     ) -> TrainJob:
-        config, verbose = build_config(dict(options))
+        """Queue a train job and return its handle at once, whether or not a worker serves the queue yet."""
         groups = list(groups)
-        # Validated as encoded, before any I/O: a bad field is a ValueError naming it.
-        payload = encode_groups(groups, allow_missing_logprobs=config.allow_training_without_logprobs)
+        config, verbose, payload = self._encode_train(groups, options)
         await self._prepare(model)
-        if len(payload) > self.max_payload_bytes:
-            raise PayloadTooLargeError(
-                f"the encoded groups are {len(payload):,} bytes, over max_payload_bytes={self.max_payload_bytes:,}; "
-                "split them over several train calls"
-            )
-        job = await self._submit(model, "train", config=config, payload=payload)
-        if verbose:
-            _say(f"job {job.job_id} queued for {model.project}/{model.name}: {len(groups)} groups, {len(payload):,} bytes")
-        return job
+        return await self._queue_train(model, config, payload, n_groups=len(groups), verbose=verbose)
 
     async def train(
         self,
@@ -117,9 +127,13 @@ class QueueBackend(Backend):
         timeout: float | None = None,
         **options: Unpack[TrainOptions],
     ) -> QueueTrainResult:
-        job = await self.submit_train(model, groups, **options)
+        groups = list(groups)
+        config, verbose, payload = self._encode_train(groups, options)
+        await self._prepare(model)
+        await self._require_worker(model)
+        job = await self._queue_train(model, config, payload, n_groups=len(groups), verbose=verbose)
         result = await self.collect(model, job, timeout=timeout)
-        if options.get("verbose"):
+        if verbose:
             _say(f"job {job.job_id}: step {result.step} of {model.project}/{model.name} "
                  f"(queued {result.queued_s:.1f} s, trained {result.train_s:.1f} s); served")
         return result
@@ -133,7 +147,7 @@ class QueueBackend(Backend):
 
     def job(self, job_id: str) -> TrainJob:
         """The handle of a job submitted earlier, from this process or any other."""
-        return TrainJob(self._redis, job_id)
+        return TrainJob(self._redis, job_id, self._listener)
 
     async def get_step(self, model: TrainableModel) -> int:
         await self._prepare(model)
@@ -146,6 +160,7 @@ class QueueBackend(Backend):
 
     async def delete_checkpoints(self, model: TrainableModel, keep_steps: list[int]) -> list[int]:
         await self._prepare(model)
+        await self._require_worker(model)
         job = await self._submit(model, "delete_checkpoints", keep_steps=sorted(set(keep_steps)))
         await job.result()
         outcome = (await job.record()).outcome
@@ -168,15 +183,56 @@ class QueueBackend(Backend):
 
     async def close(self) -> None:
         await self._close_models()
+        await self._listener.aclose()
         await self._redis.aclose()
         if self._celery is not None:
-            await asyncio.to_thread(self._celery.close)
+            await asyncio.get_running_loop().run_in_executor(self._sender, self._celery.close)
             self._celery = None
+        self._sender.shutdown(wait=False)
 
     # ---------------------------------------------------------------- internal
 
     async def _prepare(self, model: TrainableModel) -> None:
         """Called before a call's first I/O for ``model``; a subclass may start services here."""
+
+    def _encode_train(
+        self, groups: list[TrajectoryGroup], options: TrainOptions
+    ) -> tuple[TrainConfig, bool, bytes]:
+        """The job's config, ``verbose`` and payload, checked before any I/O: a bad field is a ``ValueError`` naming it."""
+        config, verbose = build_config(dict(options))
+        payload = encode_groups(groups, allow_missing_logprobs=config.allow_training_without_logprobs)
+        if len(payload) > self.max_payload_bytes:
+            raise PayloadTooLargeError(
+                f"the encoded groups are {len(payload):,} bytes, over max_payload_bytes={self.max_payload_bytes:,}; "
+                "split them over several train calls"
+            )
+        return config, verbose, payload
+
+    async def _queue_train(
+        self, model: TrainableModel, config: TrainConfig, payload: bytes, *, n_groups: int, verbose: bool
+    ) -> TrainJob:
+        job = await self._submit(model, "train", config=config, payload=payload)
+        if verbose:
+            _say(f"job {job.job_id} queued for {model.project}/{model.name}: {n_groups} groups, {len(payload):,} bytes")
+        return job
+
+    async def _require_worker(self, model: TrainableModel) -> None:
+        """Return once a live worker serves ``model``'s queue; ``NoWorkerError`` after ``worker_wait_s``."""
+        queue = keys.queue_name(model.base_model)
+        deadline = time.monotonic() + self.worker_wait_s
+        while True:
+            with translated_errors(f"looking for a worker on {queue}"):
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    pipe.hgetall(keys.WORKERS_KEY)
+                    pipe.hgetall(keys.WORKER_HEARTBEATS_KEY)
+                    registry, heartbeats = await pipe.execute()
+            workers = read_workers(registry, heartbeats, time.time())
+            if live_on(workers, queue):
+                return
+            if time.monotonic() >= deadline:
+                live = [w.describe() for w in workers if w.live]
+                raise NoWorkerError(queue, live, waited_s=self.worker_wait_s, base_model=model.base_model)
+            await asyncio.sleep(min(0.5, self.worker_wait_s))
 
     async def _submit(
         self,
@@ -203,7 +259,7 @@ class QueueBackend(Backend):
         )
         await self._write_record(request, queue, payload)
         try:
-            await asyncio.to_thread(self._send, request, queue)
+            await asyncio.get_running_loop().run_in_executor(self._sender, self._send, request, queue)
         except Exception as exc:  # the broker write failed: the record must not say "queued" forever
             await self._fail_unsent(job_id, exc)
             raise BackendUnavailableError(f"could not queue job {job_id}: {exc}") from exc
@@ -224,6 +280,8 @@ class QueueBackend(Backend):
                         "queue": queue,
                         "submitted_at": repr(request.submitted_at),
                         "attempts": 0,
+                        # What a worker sends again if the job's message is lost with its worker.
+                        "request": msgspec.msgpack.encode(request),
                     },
                 )
                 pipe.expire(job_key, keys.JOB_TTL_S)

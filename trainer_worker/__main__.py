@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
+from producer import keys
 from producer.settings import parse_settings
 from trainer_worker.settings import TrainerSettings
 
@@ -45,7 +46,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"--loglevel={settings.log_level}",
             "--pool=prefork",
             "--concurrency=1",
-            f"--queues={state.queue}",
+            # Every worker starts as a standby; the one that wins the queue's lease adds the queue (liveness.py).
+            f"--queues={keys.IDLE_QUEUE}",
             f"--hostname={state.hostname}",
             "--without-gossip",
             "--without-mingle",

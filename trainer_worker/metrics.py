@@ -1,8 +1,9 @@
 """The trainer's Prometheus metrics.
 
 They are updated in the prefork child that runs the jobs, so that child also
-serves them (``serve``); the parent process serves nothing. Queue depth is read
-from Redis at scrape time, so it is right even while a job is running.
+serves them (``serve``); the parent process serves nothing. Queue depth and the
+worker's role (leader or standby) are read from Redis at scrape time, so they are
+right even while a job is running.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from collections.abc import Iterator
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from producer import keys
 
 # Train steps take seconds to hours; queue waits milliseconds to hours.
 _DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200)
@@ -90,7 +93,30 @@ class QueueDepthCollector(Collector):
         yield family
 
 
-def serve(port: int, redis_client: object, queues: list[str]) -> None:
+class LeaderCollector(Collector):
+    """``trainq_leader{queue}``: 1 while this worker leads its queue (consumes it, writes its steps), 0 on standby."""
+
+    def __init__(self, redis_client: object, queue: str, worker_id: str) -> None:
+        self._redis = redis_client
+        self._queue = queue
+        self._worker_id = worker_id
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "trainq_leader", "1 while this worker leads its queue and writes its steps, 0 while it stands by.",
+            labels=["queue"],
+        )
+        try:
+            holder = self._redis.get(keys.queue_leader_key(self._queue))  # type: ignore[attr-defined]
+        except Exception:  # noqa: BLE001 - a scrape must not fail because Redis blinked
+            return
+        leads = holder is not None and holder.decode().split(" ", 1)[-1] == self._worker_id
+        family.add_metric([self._queue], 1.0 if leads else 0.0)
+        yield family
+
+
+def serve(port: int, redis_client: object, queue: str, worker_id: str) -> None:
     """Start the /metrics endpoint in this process (a daemon thread)."""
-    REGISTRY.register(QueueDepthCollector(redis_client, queues))
+    REGISTRY.register(QueueDepthCollector(redis_client, [queue]))
+    REGISTRY.register(LeaderCollector(redis_client, queue, worker_id))
     start_http_server(port, addr="0.0.0.0", registry=REGISTRY)

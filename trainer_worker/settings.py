@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 
 from producer.queue import DEFAULT_VISIBILITY_TIMEOUT_S
 from producer.settings import ServiceSettings
+from trainer_worker.jobs import DEFAULT_LEASE_S, DEFAULT_MAX_ATTEMPTS, DEFAULT_REDIS_RETRY_S
 
 
 # Packed rows cost only their sequences' attention (core/attention.py), so a longer row
@@ -31,8 +32,26 @@ class TrainerSettings(ServiceSettings):
     )
     visibility_timeout_s: float = Field(
         DEFAULT_VISIBILITY_TIMEOUT_S,
+        ge=3,
+        description="Backstop: seconds after which kombu hands out again a taken message that no live worker "
+        "renews (a running job's is renewed every third of min(lease, this)); jobs may run longer.",
+    )
+    lease_s: float = Field(
+        DEFAULT_LEASE_S,
+        ge=3,
+        description="Seconds a job's lease and the queue's leadership last unrenewed: a worker silent this long "
+        "is taken for dead, its job handed out again and its queue to a standby.",
+    )
+    max_attempts: int = Field(
+        DEFAULT_MAX_ATTEMPTS,
+        ge=1,
+        description="A job delivered more often than this without finishing (its worker died each time) fails.",
+    )
+    redis_retry_s: float = Field(
+        DEFAULT_REDIS_RETRY_S,
         gt=0,
-        description="Seconds before Redis re-delivers a taken, unacknowledged job; must exceed the longest job.",
+        description="How long a job's record write rides out an unreachable Redis; after it the job goes back "
+        "to its queue and its next delivery commits the step it made.",
     )
     max_payload_bytes: int = Field(
         256 * 1024 * 1024,

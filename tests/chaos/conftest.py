@@ -6,6 +6,7 @@ one never reaches another suite's services. Run them alone with ``pytest -m chao
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -15,7 +16,9 @@ from pathlib import Path
 
 import psutil
 import pytest
+import redis
 
+from producer import JobStatus, TrainableModel, TrainJob, keys
 from tests.support.services import free_port, redis_server_binary, wait_for_port
 
 
@@ -143,3 +146,26 @@ def wait_gone(pid: int, timeout: float = 10.0) -> None:
 def rss_mib(pid: int) -> float:
     """Resident memory of a process in MiB (VmRSS)."""
     return psutil.Process(pid).memory_info().rss / 2**20
+
+
+async def wait_status(job: TrainJob, status: JobStatus, timeout: float = 120.0) -> float:
+    """Poll until the job has ``status``; the monotonic time it was seen."""
+    deadline = time.monotonic() + timeout
+    while (await job.status()) is not status:
+        assert time.monotonic() < deadline, f"job {job.job_id} never reached {status}"
+        await asyncio.sleep(0.05)
+    return time.monotonic()
+
+
+def saved_steps(redis_url: str, model: TrainableModel) -> list[int]:
+    """The steps of ``model`` announced on the checkpoint stream, in stream order (duplicates kept)."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        entries = client.xrange(keys.CHECKPOINT_STREAM)
+    finally:
+        client.close()
+    return [
+        int(fields[b"step"]) for _, fields in entries
+        if fields[b"kind"] == b"saved" and fields[b"project"].decode() == model.project
+        and fields[b"model"].decode() == model.name
+    ]

@@ -7,8 +7,17 @@ import time
 from pathlib import Path
 
 import pytest
+import redis.asyncio as aioredis
 
-from producer import BackendUnavailableError, JobStatus, QueueBackend, TrainableModel, TrainTimeoutError
+from producer import (
+    BackendUnavailableError,
+    JobStatus,
+    QueueBackend,
+    TrainableModel,
+    TrainqError,
+    TrainTimeoutError,
+    keys,
+)
 from tests.support.groups import make_group, make_groups
 from tests.support.services import start_trainer_worker
 
@@ -17,6 +26,7 @@ pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 PASSWORD = "s3cret-pw"
 VISIBILITY_TIMEOUT_S = 10
 DOWN_S = 3.0
+OUTAGE_S = 10.0  # the job runs ~5 s, then the worker retries its record for 2 s
 
 
 async def test_jobs_queued_and_running_across_a_redis_restart_each_complete_once(
@@ -79,6 +89,54 @@ async def test_jobs_queued_and_running_across_a_redis_restart_each_complete_once
         worker.stop()
 
 
+async def test_redis_down_longer_than_the_workers_retry_window_leaves_no_job_running(
+    make_redis, tiny_model: Path, tmp_path: Path
+) -> None:
+    """The worker gives up writing a finished job's record; the job is redelivered and finished from its step."""
+    retry_s = 2.0
+    server = make_redis(password=PASSWORD, appendonly=True)
+    worker = start_trainer_worker(server.url, str(tiny_model), tmp_path / "w",
+                                  extra=["--redis-retry-s", str(retry_s)])
+    try:
+        async with QueueBackend(server.url, path=str(tmp_path / "logs")) as backend:
+            model = TrainableModel("outage", "chaos", base_model=str(tiny_model))
+            await model.register(backend)
+            callers = [
+                asyncio.create_task(backend.train(model, make_groups(8, n_trajectories=8, n_tokens=256))),
+                asyncio.create_task(backend.train(model, [make_group(seed=1)])),
+            ]
+            while not await _any_running(backend, worker):
+                await asyncio.sleep(0.05)
+            server.stop()
+            # Down for longer than the running job's remaining seconds plus the worker's retry window.
+            await asyncio.sleep(OUTAGE_S)
+            server.start()
+            back_at = time.monotonic()
+            try:
+                outcomes = await asyncio.wait_for(asyncio.gather(*callers, return_exceptions=True), timeout=120)
+            except TimeoutError:
+                pytest.fail(f"callers still waiting 120 s after Redis came back; worker log:\n{worker.log_tail(80)}")
+            done_s = time.monotonic() - back_at
+            for outcome in outcomes:
+                assert not isinstance(outcome, BaseException) or isinstance(outcome, TrainqError), repr(outcome)
+            assert sorted(o.step for o in outcomes if not isinstance(o, BaseException)) == [1, 2]
+
+            client = aioredis.Redis.from_url(server.url)
+            try:
+                queue = keys.queue_name(worker.base_model)
+                statuses = [await backend.job(job_id.decode()).status()
+                            for job_id in await client.zrange(keys.queue_jobs_key(queue), 0, -1)]
+            finally:
+                await client.aclose()
+            assert JobStatus.RUNNING not in statuses and JobStatus.QUEUED not in statuses, statuses
+            assert await backend.get_step(model) == 2
+            assert "Redis unreachable" in worker.log_tail(4000)
+            print(f"\nRedis down {OUTAGE_S:.0f} s, worker retry window {retry_s:.0f} s: every caller got its result "
+                  f"{done_s:.1f}s after Redis came back; no job left running")
+    finally:
+        worker.stop()
+
+
 async def test_a_caller_waiting_through_a_long_outage_gets_backend_unavailable_in_bounded_time(
     make_redis, tiny_model: Path, tmp_path: Path
 ) -> None:
@@ -119,7 +177,7 @@ async def test_a_wrong_password_is_a_clear_backend_unavailable_error(make_redis,
             await backend.submit_train(model, make_groups(1))
 
 
-async def _any_running(backend: QueueBackend, worker) -> bool:  # noqa: ANN001
+async def _any_running(backend: QueueBackend, worker) -> bool:
     import redis.asyncio as aioredis
 
     from producer import keys

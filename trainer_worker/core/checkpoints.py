@@ -6,11 +6,17 @@
         optimizer.pt                 AdamW state, so a restarted trainer resumes exactly
         trainq.json                  step, job_id, base_model, created_at, metrics, train_s
 
-A step is written into ``.tmp-{step}-{random}`` beside its final folder, fsynced,
-then renamed into place: a reader (the inference worker, a restarted trainer)
-sees a complete checkpoint or none. Leftover temporary folders of a crashed
-write are removed by the next write. Step folders are the only names made of
-digits, so nothing else is mistaken for a step.
+A step is written into ``.tmp-t{token}-{step}-{random}`` beside its final folder,
+fsynced, then renamed into place: a reader (the inference worker, a restarted
+trainer) sees a complete checkpoint or none. ``token`` is the writer's fencing
+token (``Writer``): the worker checks it still holds it just before the rename,
+and a write removes the temporary folders of writers with a token up to its own
+(crashed or fenced-out writes), never those of a newer writer. Step folders are
+the only names made of digits, so nothing else is mistaken for a step.
+
+Which steps count is not decided here: the worker commits a step in Redis after
+the rename, and a folder beyond the committed step is a leftover of a write that
+was never committed (``set_aside`` removes one that another job wrote).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,16 +36,18 @@ from producer.names import validate_name
 from producer.types import JobOutcome
 
 __all__ = [
-    "CheckpointInfo",
     "METADATA_FILE",
     "OPTIMIZER_FILE",
+    "CheckpointInfo",
+    "Writer",
     "checkpoint_dir",
     "delete_steps",
-    "find_job",
     "latest_step",
     "list_steps",
     "model_dir",
     "read_info",
+    "read_info_if_any",
+    "set_aside",
     "write_checkpoint",
 ]
 
@@ -47,6 +55,30 @@ METADATA_FILE = "trainq.json"
 OPTIMIZER_FILE = "optimizer.pt"
 _STEP_RE = re.compile(r"\d{4,}")
 _TMP_PREFIX = ".tmp-"
+_TMP_TOKEN_RE = re.compile(r"\.tmp-t(\d+)-")
+
+
+def _unfenced() -> None:
+    """Writing without a fencing token: nothing to check (a trainer used in process, tests, benchmarks)."""
+
+
+@dataclass(frozen=True)
+class Writer:
+    """Who writes a step: the fencing token it holds, its name, and a check that the token is still current.
+
+    ``fence()`` raises when another writer took over; it runs just before a step
+    is renamed into place and before steps are deleted.
+    """
+
+    token: int = 0
+    name: str = ""
+    fence: Callable[[], None] = field(default=_unfenced, compare=False)
+
+    def temporary_name(self, what: str) -> str:
+        return f"{_TMP_PREFIX}t{self.token}-{what}-{uuid.uuid4().hex[:8]}"
+
+
+UNFENCED = Writer()
 
 
 @dataclass(frozen=True)
@@ -109,15 +141,11 @@ def read_info(root: str | Path, project: str, name: str, step: int) -> Checkpoin
     )
 
 
-def find_job(root: str | Path, project: str, name: str, job_id: str) -> CheckpointInfo | None:
-    """The checkpoint a job made, if any (newest first: a redelivered job is usually the last)."""
-    if not job_id:
+def read_info_if_any(root: str | Path, project: str, name: str, step: int) -> CheckpointInfo | None:
+    """Step ``step``'s ``trainq.json``, or ``None`` if that step has no complete checkpoint."""
+    if not (checkpoint_dir(root, project, name, step) / METADATA_FILE).is_file():
         return None
-    for step in reversed(list_steps(root, project, name)):
-        info = read_info(root, project, name, step)
-        if info.job_id == job_id:
-            return info
-    return None
+    return read_info(root, project, name, step)
 
 
 def write_checkpoint(
@@ -127,25 +155,30 @@ def write_checkpoint(
     step: int,
     write_files: Callable[[Path], None],
     metadata: dict[str, Any],
+    writer: Writer = UNFENCED,
 ) -> Path:
     """Create step ``step``'s folder atomically and return its path.
 
     ``write_files(folder)`` writes the adapter and optimizer files into the
-    temporary folder; ``trainq.json`` (``metadata`` plus ``step`` and
-    ``created_at``) is written last. An existing step is never overwritten.
+    temporary folder; ``trainq.json`` (``metadata`` plus ``step``, ``created_at``,
+    the writer's ``token`` and name as ``worker``) is written last. An existing
+    step is never overwritten (``FileExistsError``); ``writer.fence()`` runs just
+    before the rename and its error leaves nothing behind.
     """
     final = checkpoint_dir(root, project, name, step)
     if final.exists():
         raise FileExistsError(f"checkpoint {final} already exists")
     final.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(final.parent)
-    tmp = final.parent / f"{_TMP_PREFIX}{step:04d}-{uuid.uuid4().hex[:8]}"
+    _remove_stale_temporaries(final.parent, writer.token)
+    tmp = final.parent / writer.temporary_name(f"{step:04d}")
     tmp.mkdir()
     try:
         write_files(tmp)
-        record = {**metadata, "step": step, "created_at": metadata.get("created_at", time.time())}
+        record = {**metadata, "step": step, "created_at": metadata.get("created_at", time.time()),
+                  "token": writer.token, "worker": writer.name}
         (tmp / METADATA_FILE).write_text(json.dumps(record, indent=1, sort_keys=True))
         _fsync_tree(tmp)
+        writer.fence()
         # rename() would silently replace an empty folder that appeared meanwhile; refuse instead.
         if final.exists():
             raise FileExistsError(f"checkpoint {final} already exists")
@@ -157,28 +190,47 @@ def write_checkpoint(
     return final
 
 
-def delete_steps(root: str | Path, project: str, name: str, steps: list[int]) -> list[int]:
-    """Delete these steps' folders (never the latest one); return the steps deleted.
+def delete_steps(
+    root: str | Path, project: str, name: str, steps: list[int], *, latest: int | None = None,
+    writer: Writer = UNFENCED,
+) -> list[int]:
+    """Delete these steps' folders, never ``latest`` (the committed step) or any beyond it; return those deleted.
 
-    A step is renamed to a temporary name first, so it vanishes from listings at once.
+    ``latest`` defaults to the newest step on disk. A step is renamed to a
+    temporary name first, so it vanishes from listings at once.
     """
     existing = list_steps(root, project, name)
     if not existing:
         return []
-    deleted = []
-    for step in sorted(set(steps) & set(existing[:-1])):
-        path = checkpoint_dir(root, project, name, step)
-        doomed = path.parent / f"{_TMP_PREFIX}deleted-{path.name}-{uuid.uuid4().hex[:8]}"
-        os.rename(path, doomed)
-        shutil.rmtree(doomed, ignore_errors=True)
-        deleted.append(step)
-    return deleted
+    latest = existing[-1] if latest is None else latest
+    doomed = sorted(set(steps) & {step for step in existing if step < latest})
+    if doomed:
+        writer.fence()
+    for step in doomed:
+        _remove(checkpoint_dir(root, project, name, step), writer, "deleted")
+    return doomed
 
 
-def _remove_stale_temporaries(folder: Path) -> None:
-    # One trainer writes a model's steps at a time, so any temporary folder is a crashed write.
+def set_aside(root: str | Path, project: str, name: str, step: int, writer: Writer) -> None:
+    """Remove an uncommitted step's folder (another job's write that never became a step)."""
+    writer.fence()
+    _remove(checkpoint_dir(root, project, name, step), writer, "aside")
+
+
+def _remove(path: Path, writer: Writer, why: str) -> None:
+    doomed = path.parent / writer.temporary_name(f"{why}-{path.name}")
+    os.rename(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _remove_stale_temporaries(folder: Path, token: int) -> None:
+    # A temporary folder of a writer with a token up to ours is a crashed write (ours or an
+    # older leader's); a newer token's belongs to the writer that fenced us out: not ours to touch.
     for child in folder.iterdir():
-        if child.name.startswith(_TMP_PREFIX):
+        if not child.name.startswith(_TMP_PREFIX):
+            continue
+        owner = _TMP_TOKEN_RE.match(child.name)
+        if owner is None or int(owner.group(1)) <= token:
             shutil.rmtree(child, ignore_errors=True)
 
 

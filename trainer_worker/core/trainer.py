@@ -1,10 +1,11 @@
 """``Trainer``: one base model, one resident LoRA adapter, many trainable models.
 
-Each train job makes exactly one new checkpoint step of one model. The adapter
-in memory belongs to one ``(model, step)`` at a time; a job for another model,
-or after anything went wrong, first loads that model's latest step (adapter and
-optimizer) from disk, so disk is the truth and a restarted trainer resumes
-exactly where the last one stopped.
+Each train job makes exactly one new checkpoint step of one model, on top of the
+step it is given (the worker's committed step in Redis; the newest on disk when
+used in process). The adapter in memory belongs to one ``(model, step)`` at a
+time; a job for another model, or after anything went wrong, first loads that
+step (adapter and optimizer) from disk, so a restarted trainer resumes exactly
+where the last one stopped.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from trainer_worker.core.lora import LoadedModel, LoraSettings, setup_model
 from trainer_worker.core.loss import LossConfig, LossInputs, compute_loss, loss_config_from_train_config
 from trainer_worker.core.packing import MicroBatch, PackingMode, TrainSequence, build_microbatches
 from trainer_worker.core.tokenize import tokenize_trajectory
+
+Writer = checkpoints.Writer
 
 __all__ = ["MAX_GRAD_NORM", "Trainer"]
 
@@ -99,7 +102,7 @@ class Trainer:
         model.validate()
         return checkpoints.latest_step(self.checkpoint_root, model.project, model.name)
 
-    def register(self, model: ModelRef) -> JobOutcome:
+    def register(self, model: ModelRef, *, writer: Writer = checkpoints.UNFENCED) -> JobOutcome:
         """Write step 0 (the untrained adapter, fresh optimizer) unless the model has a step; idempotent.
 
         Returns the outcome recorded with the model's latest step.
@@ -107,42 +110,58 @@ class Trainer:
         model.validate()
         latest = self.latest_step(model)
         if latest is not None:
-            self._check_base_model(model, latest)
-        else:
-            self._loaded.set_adapter_state(self._loaded.initial_adapter)
-            self._optimizer = self._new_optimizer()
-            self._resident = None
-            path = self._save(model, 0, job_id="", metrics={}, train_s=0.0)
-            self._resident = (model.key, 0)
-            log.info("registered %s at %s", model.key, path)
-            latest = 0
-        return self._info(model, latest).outcome()
+            return self.outcome_of(model, latest)
+        self._loaded.set_adapter_state(self._loaded.initial_adapter)
+        self._optimizer = self._new_optimizer()
+        self._resident = None
+        path = self._save(model, 0, job_id="", metrics={}, train_s=0.0, writer=writer)
+        self._resident = (model.key, 0)
+        log.info("registered %s at %s", model.key, path)
+        return self._info(model, 0).outcome()
+
+    def outcome_of(self, model: ModelRef, step: int) -> JobOutcome:
+        """What ``step`` of ``model`` recorded (path, metrics), after checking the model's base model."""
+        model.validate()
+        self._check_base_model(model, step)
+        return self._info(model, step).outcome()
+
+    def forget(self) -> None:
+        """Reload from disk before the next job: the step last saved was not committed, so memory may be ahead."""
+        self._resident = None
 
     def train(
-        self, job_id: str, model: ModelRef, config: TrainConfig, groups: list[TrajectoryGroup]
+        self, job_id: str, model: ModelRef, config: TrainConfig, groups: list[TrajectoryGroup], *,
+        base_step: int | None = None, writer: Writer = checkpoints.UNFENCED,
     ) -> JobOutcome:
-        """Run one train job: exactly one new step of ``model``, saved atomically.
+        """Run one train job: exactly one new step of ``model``, ``base_step + 1``, saved atomically.
 
-        A job whose id a checkpoint of ``model`` already carries is not run again;
-        its recorded outcome is returned (metrics as saved, so without
-        ``checkpoint_save_s``, and ``train_s`` up to the save). ``train_s`` of a
-        fresh outcome includes the save. Raises ``ValueError`` naming the problem
-        for bad input (unregistered model, malformed groups, token ids outside the
-        vocabulary, sequences longer than the model's positions); the trainer
-        stays usable for the next job.
+        ``base_step`` is the model's committed step (default: the newest on disk,
+        and a job whose id that step carries is not run again). A folder already at
+        ``base_step + 1`` is a write that was never committed: if this job wrote it,
+        its outcome is returned without training (metrics as saved, so without
+        ``checkpoint_save_s``, and ``train_s`` up to the save); another job's is set
+        aside. ``train_s`` of a fresh outcome includes the save. Raises
+        ``ValueError`` naming the problem for bad input (unregistered model,
+        malformed groups, token ids outside the vocabulary, sequences longer than
+        the model's positions); the trainer stays usable for the next job.
         """
         started = time.perf_counter()
         model.validate()
         if not job_id:
             raise ValueError("job_id must not be empty")
-        done = checkpoints.find_job(self.checkpoint_root, model.project, model.name, job_id)
-        if done is not None:
-            log.info("job %s already made step %d of %s; not training again", job_id, done.step, model.key)
-            return done.outcome()
-        latest = self.latest_step(model)
-        if latest is None:
+        if base_step is None:
+            base_step = self.latest_step(model)
+            newest = self._info(model, base_step) if base_step is not None else None
+            if newest is not None and newest.job_id == job_id:
+                log.info("job %s already made step %d of %s; not training again", job_id, base_step, model.key)
+                return newest.outcome()
+        if base_step is None:
             raise ValueError(f"model {model.key} is not registered (no checkpoint under {self.checkpoint_root})")
+        latest = base_step
         self._check_base_model(model, latest)
+        made = self._uncommitted(model, job_id, latest + 1, writer)
+        if made is not None:
+            return made.outcome()
         validate_groups(groups, allow_missing_logprobs=config.allow_training_without_logprobs)
         tokenize = partial(
             tokenize_trajectory,
@@ -162,7 +181,7 @@ class Trainer:
             train_s = time.perf_counter() - started
             metrics["train_s"] = train_s
             saving = time.perf_counter()
-            path = self._save(model, step, job_id=job_id, metrics=metrics, train_s=train_s)
+            path = self._save(model, step, job_id=job_id, metrics=metrics, train_s=train_s, writer=writer)
             save_s = time.perf_counter() - saving
         except BaseException:
             # Memory may be half a step ahead of disk now; reload from disk next time.
@@ -176,12 +195,17 @@ class Trainer:
         metrics = {**metrics, "checkpoint_save_s": save_s}
         return JobOutcome(step=step, metrics=metrics, checkpoint_path=str(path), train_s=train_s)
 
-    def delete_checkpoints(self, model: ModelRef, keep_steps: list[int]) -> list[int]:
-        """Delete every step of ``model`` not in ``keep_steps``, except the latest; return those deleted."""
+    def delete_checkpoints(
+        self, model: ModelRef, keep_steps: list[int], *, latest: int | None = None,
+        writer: Writer = checkpoints.UNFENCED,
+    ) -> list[int]:
+        """Delete every step of ``model`` not in ``keep_steps``, except ``latest`` (default: the newest on disk)
+        and any step beyond it; return those deleted."""
         model.validate()
         existing = checkpoints.list_steps(self.checkpoint_root, model.project, model.name)
         doomed = [s for s in existing if s not in set(keep_steps)]
-        return checkpoints.delete_steps(self.checkpoint_root, model.project, model.name, doomed)
+        return checkpoints.delete_steps(self.checkpoint_root, model.project, model.name, doomed,
+                                        latest=latest, writer=writer)
 
     # ----------------------------------------------------------------- private
 
@@ -192,6 +216,19 @@ class Trainer:
 
     def _info(self, model: ModelRef, step: int) -> checkpoints.CheckpointInfo:
         return checkpoints.read_info(self.checkpoint_root, model.project, model.name, step)
+
+    def _uncommitted(self, model: ModelRef, job_id: str, step: int, writer: Writer) -> checkpoints.CheckpointInfo | None:
+        """An uncommitted step's checkpoint if ``job_id`` made it (to commit, not train again); another job's is
+        set aside."""
+        info = checkpoints.read_info_if_any(self.checkpoint_root, model.project, model.name, step)
+        if info is None or info.job_id == job_id:
+            if info is not None:
+                log.info("job %s made step %d of %s before; committing it, not training again", job_id, step, model.key)
+            return info
+        log.warning("step %d of %s on disk is job %s's, never committed; setting it aside for job %s",
+                    step, model.key, info.job_id or "(none)", job_id)
+        checkpoints.set_aside(self.checkpoint_root, model.project, model.name, step, writer)
+        return None
 
     def _check_base_model(self, model: ModelRef, latest: int) -> None:
         registered = self._info(model, latest).base_model
@@ -209,7 +246,8 @@ class Trainer:
         self._loaded.load(folder, self._optimizer)
         self._resident = (model.key, step)
 
-    def _save(self, model: ModelRef, step: int, *, job_id: str, metrics: dict[str, float], train_s: float) -> Path:
+    def _save(self, model: ModelRef, step: int, *, job_id: str, metrics: dict[str, float], train_s: float,
+              writer: Writer) -> Path:
         metadata = {
             "job_id": job_id,
             "base_model": model.base_model,
@@ -225,6 +263,7 @@ class Trainer:
             step,
             lambda folder: self._loaded.save(folder, self._optimizer),
             metadata,
+            writer,
         )
 
     def _optimize(self, sequences: list[TrainSequence], loss_config: LossConfig, learning_rate: float) -> dict[str, float]:

@@ -28,9 +28,13 @@ def test_status_and_jobs_read_the_stack_from_redis(redis_url: str, capsys: pytes
     queue = keys.queue_name("cli-test/base")
     now = time.time()
     client.hset(keys.model_key("cliproj", "agent"), mapping={"base_model": "cli-test/base", "step": 7, "updated_at": now})
-    client.hset(keys.WORKERS_KEY, "trainer-cli@test", msgspec.msgpack.encode(
-        {"base_model": "cli-test/base", "queue": queue, "pid": 4242, "started_at": now - 30, "ready_at": now - 20}
-    ))
+    for host, pid in (("trainer-cli@test", 4242), ("standby-cli@test", 4343), ("gone-cli@test", 4444)):
+        client.hset(keys.WORKERS_KEY, host, msgspec.msgpack.encode(
+            {"base_model": "cli-test/base", "queue": queue, "pid": pid, "started_at": now - 30, "ready_at": now - 20,
+             "worker_id": f"{host}:{pid}", "heartbeat_s": 5.0}
+        ))
+        client.hset(keys.WORKER_HEARTBEATS_KEY, host, now - (3600 if host.startswith("gone") else 1))
+    client.set(keys.queue_leader_key(queue), "7 trainer-cli@test:4242")
     client.hset(keys.job_key("clijob1"), mapping={
         "status": "failed", "kind": "train", "model": "cliproj/agent", "queue": queue, "submitted_at": now - 5,
         "started_at": now - 4, "finished_at": now - 3, "error_type": "ValueError", "error": "groups[0]: bad",
@@ -41,13 +45,20 @@ def test_status_and_jobs_read_the_stack_from_redis(redis_url: str, capsys: pytes
         assert main(["status", "--redis-url", redis_url]) == 0
         out = capsys.readouterr().out
         assert queue in out and "trainer-cli@test" in out and "ready" in out
+        lines = out.splitlines()
+        assert any(queue in line and "trainer-cli@test" in line and " 7 " in line for line in lines), out
+        for host, role in (("trainer-cli@test", "leader"), ("standby-cli@test", "standby"), ("gone-cli@test", "dead")):
+            assert any(line.startswith(host) and f" {role} " in line for line in lines), out
         assert "cliproj/agent" in out and " 7 " in out
         assert main(["jobs", "--redis-url", redis_url, "--queue", queue]) == 0
         out = capsys.readouterr().out
         assert "clijob1" in out and "failed" in out and "ValueError: groups[0]: bad" in out
     finally:
         client.delete(keys.model_key("cliproj", "agent"), keys.job_key("clijob1"), keys.queue_jobs_key(queue), queue)
-        client.hdel(keys.WORKERS_KEY, "trainer-cli@test")
+        client.delete(keys.queue_leader_key(queue))
+        for host in ("trainer-cli@test", "standby-cli@test", "gone-cli@test"):
+            client.hdel(keys.WORKERS_KEY, host)
+            client.hdel(keys.WORKER_HEARTBEATS_KEY, host)
         client.close()
 
 

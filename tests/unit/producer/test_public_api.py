@@ -20,7 +20,7 @@ def test_all_lists_the_public_names() -> None:
         [
             "Backend", "BackendUnavailableError", "Choice", "ChoiceMessage", "ExceptionInfo", "JobCancelledError",
             "JobError", "JobFailedError", "JobNotFoundError", "JobRecord", "JobStatus", "LocalBackend",
-            "LocalTrainResult", "Model", "PayloadTooLargeError", "QueueBackend", "QueueTrainResult", "TrainConfig",
+            "LocalTrainResult", "Model", "NoWorkerError", "PayloadTooLargeError", "QueueBackend", "QueueTrainResult", "TrainConfig",
             "TrainJob", "TrainOptions", "TrainResult", "TrainTimeoutError", "TrainableModel", "TrainqError",
             "Trajectory", "TrajectoryGroup", "gather_trajectories", "gather_trajectory_groups",
         ]

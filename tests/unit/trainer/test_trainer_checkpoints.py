@@ -1,4 +1,4 @@
-"""Checkpoint layout: atomic writes, step listing, job lookup, deletion, no path escape."""
+"""Checkpoint layout: atomic writes, step listing, fencing, setting aside, deletion, no path escape."""
 
 import json
 
@@ -7,12 +7,13 @@ import pytest
 from trainer_worker.core import checkpoints as ck
 
 
-def write(root, step, job_id="", project="proj", name="model"):
+def write(root, step, job_id="", project="proj", name="model", writer=ck.UNFENCED):
     def files(folder):
         (folder / "adapter_config.json").write_text("{}")
         (folder / "adapter_model.safetensors").write_bytes(b"weights")
 
-    return ck.write_checkpoint(root, project, name, step, files, {"job_id": job_id, "base_model": "tiny", "metrics": {"loss": 1.5}})
+    return ck.write_checkpoint(root, project, name, step, files,
+                               {"job_id": job_id, "base_model": "tiny", "metrics": {"loss": 1.5}}, writer)
 
 
 def test_layout_and_metadata(tmp_path):
@@ -63,13 +64,42 @@ def test_an_existing_step_is_never_overwritten(tmp_path):
     assert ck.read_info(tmp_path, "proj", "model", 0).job_id == "a"
 
 
-def test_find_job(tmp_path):
+def test_the_writer_is_recorded_and_fenced_just_before_the_rename(tmp_path):
+    path = write(tmp_path, 0, writer=ck.Writer(7, "trainer@a"))
+    meta = json.loads((path / "trainq.json").read_text())
+    assert (meta["token"], meta["worker"]) == (7, "trainer@a")
+
+    class Fenced(Exception):
+        pass
+
+    def fenced():
+        raise Fenced("another worker leads now")
+
+    with pytest.raises(Fenced):
+        write(tmp_path, 1, writer=ck.Writer(7, "trainer@a", fenced))
+    assert ck.list_steps(tmp_path, "proj", "model") == [0]
+    assert [p.name for p in ck.model_dir(tmp_path, "proj", "model").iterdir()] == ["0000"], "nothing left behind"
+
+
+def test_a_write_removes_older_writers_temporaries_and_never_a_newer_ones(tmp_path):
+    write(tmp_path, 0, writer=ck.Writer(5))
+    folder = ck.model_dir(tmp_path, "proj", "model")
+    older, same, newer = (folder / f".tmp-t{t}-0001-abcd1234" for t in (4, 5, 6))
+    for temporary in (older, same, newer):
+        temporary.mkdir()
+    write(tmp_path, 1, writer=ck.Writer(5))
+    assert not older.exists() and not same.exists(), "crashed writes of this token or before are cleaned"
+    assert newer.exists(), "the folder of a newer writer (the one that fenced this one out) is not touched"
+
+
+def test_read_info_if_any_and_set_aside(tmp_path):
     write(tmp_path, 0)
     write(tmp_path, 1, job_id="job-1")
-    write(tmp_path, 2, job_id="job-2")
-    assert ck.find_job(tmp_path, "proj", "model", "job-1").step == 1
-    assert ck.find_job(tmp_path, "proj", "model", "job-3") is None
-    assert ck.find_job(tmp_path, "proj", "model", "") is None
+    assert ck.read_info_if_any(tmp_path, "proj", "model", 1).job_id == "job-1"
+    assert ck.read_info_if_any(tmp_path, "proj", "model", 2) is None
+    ck.set_aside(tmp_path, "proj", "model", 1, ck.Writer(3))
+    assert ck.list_steps(tmp_path, "proj", "model") == [0]
+    assert [p.name for p in ck.model_dir(tmp_path, "proj", "model").iterdir()] == ["0000"]
 
 
 def test_delete_never_removes_the_latest(tmp_path):
@@ -78,6 +108,14 @@ def test_delete_never_removes_the_latest(tmp_path):
     assert ck.delete_steps(tmp_path, "proj", "model", [0, 2, 3, 7]) == [0, 2]
     assert ck.list_steps(tmp_path, "proj", "model") == [1, 3]
     assert [p.name for p in ck.model_dir(tmp_path, "proj", "model").iterdir() if p.name.startswith(".")] == []
+
+
+def test_delete_keeps_the_committed_step_and_anything_beyond_it(tmp_path):
+    for step in range(5):
+        write(tmp_path, step)
+    # Step 2 is committed; 3 and 4 are writes never committed, which only their jobs' next deliveries decide.
+    assert ck.delete_steps(tmp_path, "proj", "model", [0, 1, 2, 3, 4], latest=2) == [0, 1]
+    assert ck.list_steps(tmp_path, "proj", "model") == [2, 3, 4]
 
 
 @pytest.mark.parametrize(

@@ -89,6 +89,22 @@ def test_same_job_id_makes_no_second_step(trainer):
     assert trainer.latest_step(model) == 1
 
 
+def test_a_step_beyond_the_committed_one_is_this_jobs_to_commit_or_another_jobs_to_set_aside(trainer, root):
+    from trainer_worker.core import checkpoints
+
+    model = model_ref("leftover")
+    trainer.register(model)
+    made = trainer.train("job-left-1", model, LR, groups(), base_step=0)  # its commit never happened
+    again = trainer.train("job-left-1", model, LR, groups(), base_step=0)
+    assert (made.step, again.step) == (1, 1) and again.checkpoint_path == made.checkpoint_path
+    assert trainer.latest_step(model) == 1, "not trained a second time"
+
+    other = trainer.train("job-left-2", model, LR, groups(sampled_step=0), base_step=0)
+    assert other.step == 1
+    assert checkpoints.read_info(root, model.project, model.name, 1).job_id == "job-left-2"
+    assert trainer.latest_step(model) == 1
+
+
 def test_all_equal_rewards_still_make_a_step_with_unchanged_weights(trainer):
     from pathlib import Path
 
