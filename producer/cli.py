@@ -144,8 +144,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         rows.append([
             host.decode(), info.get("queue", "?"), info.get("pid", "?"),
             "ready" if info.get("ready_at") else "starting", _age(now - float(info.get("started_at") or now)),
+            _group(info),
         ])
-    print(_table(["worker", "queue", "pid", "state", "up"], rows) if rows else "  (none)")
+    print(_table(["worker", "queue", "pid", "state", "up", "training"], rows) if rows else "  (none)")
 
     print("\nmodels")
     rows = []
@@ -157,6 +158,14 @@ def cmd_status(args: argparse.Namespace) -> int:
                      _age(now - float(updated)) + " ago" if updated else "-"])
     print(_table(["model", "base model", "step", "updated"], rows) if rows else "  (none)")
     return 0
+
+
+def _group(info: dict) -> str:
+    """Where a trainer worker trains: in its own process, or on a group of ranks over nodes."""
+    ranks, nodes = int(info.get("ranks") or 1), int(info.get("nodes") or 1)
+    if ranks == 1 and nodes == 1:
+        return "in process"
+    return f"{ranks} ranks on {nodes} node{'s' if nodes != 1 else ''}"
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:

@@ -4,6 +4,7 @@
     ├── BackendUnavailableError   Redis or the broker cannot be reached; retryable
     ├── PayloadTooLargeError      a job's groups exceed the configured size; nothing was queued
     ├── TrainTimeoutError         waiting for a job ran past ``timeout``; the job goes on
+    ├── TrainerGroupError         (worker side) a training group's rank died or timed out; retryable
     └── JobError                  about one job (``.job_id``)
         ├── JobNotFoundError      no record of that job id (never submitted, or expired)
         ├── JobCancelledError     cancelled while queued; it never ran
@@ -34,6 +35,15 @@ class TrainTimeoutError(TrainqError, TimeoutError):
     def __init__(self, job_id: str, timeout: float) -> None:
         super().__init__(f"job {job_id} did not finish within {timeout:g} s (it keeps running)")
         self.job_id = job_id
+
+
+class TrainerGroupError(TrainqError):
+    """A trainer worker's training group failed mid-call (a rank died, a collective timed out).
+
+    Nothing of the call was written; the worker has started the group again (or
+    will on its next call) and retries the job. A job's record names this error
+    only when every retry failed.
+    """
 
 
 class JobError(TrainqError):

@@ -41,6 +41,10 @@ class WorkerInfo(msgspec.Struct, kw_only=True):
     started_at: float
     child_pid: int = 0
     ready_at: float = 0.0
+    ranks: int = 1
+    """Ranks training the model: 1 in the training child itself, more on a torchrun group."""
+    nodes: int = 1
+    """Machines of that group."""
 
 
 @dataclass
@@ -107,17 +111,24 @@ def _connect_signals(state: _State) -> None:
         # new child to report; load beside it, and let the first job wait for it.
         def load() -> None:
             try:
-                state.runner.set_result(_build_runner(state))
+                runner = _build_runner(state)
             except BaseException:
                 log.critical("the training child cannot load the model; exiting", exc_info=True)
                 os._exit(1)
-            announce(child_pid=os.getpid(), ready_at=time.time())
+            state.runner.set_result(runner)
+            trainer = runner.trainer
+            announce(child_pid=os.getpid(), ready_at=time.time(), ranks=getattr(trainer, "world_size", 1),
+                     nodes=getattr(trainer, "nodes", 1))
 
         threading.Thread(target=load, name="trainq-load-model", daemon=True).start()
 
     @worker_process_shutdown.connect(weak=False)
     def _child_exit(**_: object) -> None:
         log.info("training child %d exiting", os.getpid())
+        if state.runner.done() and not state.runner.exception():
+            close = getattr(state.runner.result().trainer, "close", None)
+            if close is not None:
+                close()  # a training group stops with its child
 
 
 def _build_runner(state: _State) -> object:
@@ -125,19 +136,29 @@ def _build_runner(state: _State) -> object:
     import redis
 
     from trainer_worker import metrics
-    from trainer_worker.core.trainer import Trainer
     from trainer_worker.jobs import JobRunner
 
     settings = state.settings
     client = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
     if settings.metrics_port:
         metrics.serve(settings.metrics_port, client, [state.queue])
-    trainer = Trainer(
-        base_model_path=state.base_model_path,
-        checkpoint_root=settings.checkpoint_root,
-        device=settings.device,
-        max_tokens_per_microbatch=settings.max_tokens_per_microbatch,
-        seed=settings.seed,
-    )
+    trainer: Trainer | GroupTrainer
+    if settings.distributed:
+        from trainer_worker.group.client import GroupTrainer  # the ranks load torch; this process need not
+
+        trainer = GroupTrainer(settings, state.base_model_path)
+    else:
+        from trainer_worker.core.trainer import Trainer
+
+        trainer = Trainer(
+            base_model_path=state.base_model_path,
+            checkpoint_root=settings.checkpoint_root,
+            device=settings.device,
+            max_tokens_per_microbatch=settings.max_tokens_per_microbatch,
+            seed=settings.seed,
+            dtype=settings.dtype,
+        )
+        metrics.GROUP_RANKS.set(1)
+        metrics.GROUP_NODES.set(1)
     return JobRunner(client, trainer, base_model=settings.base_model, worker_name=state.hostname,
                      max_payload_bytes=settings.max_payload_bytes)

@@ -16,6 +16,7 @@ import msgspec
 from redis import exceptions as redis_errors
 
 from producer import keys
+from producer.errors import TrainerGroupError
 from producer.types import (
     CheckpointEvent,
     JobOutcome,
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     import redis
 
     from trainer_worker.core.trainer import Trainer
+    from trainer_worker.group.client import GroupTrainer
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,7 @@ return 'run'
 _REJECTIONS = (ValueError, TypeError, LookupError, msgspec.DecodeError, msgspec.ValidationError)
 
 _REDIS_RETRY_S = 120.0  # how long a finished job's record waits for Redis to come back
+_GROUP_ATTEMPTS = 3  # runs of a job whose training group failed under it (each after a restart)
 
 DEFAULT_MAX_PAYLOAD_BYTES = 256 * 1024 * 1024  # the same default as QueueBackend's
 
@@ -109,8 +112,8 @@ def decode_groups(payload: bytes) -> list[TrajectoryGroup]:
 class JobRunner:
     """Runs jobs for one base model on one ``Trainer``, recording each in Redis."""
 
-    def __init__(self, redis_client: redis.Redis, trainer: Trainer, *, base_model: str, worker_name: str,
-                 max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> None:
+    def __init__(self, redis_client: redis.Redis, trainer: Trainer | GroupTrainer, *, base_model: str,
+                 worker_name: str, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> None:
         self.redis = redis_client
         self.trainer = trainer
         self.base_model = base_model
@@ -128,7 +131,7 @@ class JobRunner:
             return
         started = time.time()
         try:
-            outcome = self._execute(request)
+            outcome = self._execute_on_group(request)
         except _REJECTIONS as exc:
             self._finish_failed(request, exc)
         except Exception as exc:  # noqa: BLE001 - a failing job must not take the worker down
@@ -160,6 +163,20 @@ class JobRunner:
             return False
         metrics.QUEUE_WAIT.labels(request.model.key).observe(max(0.0, time.time() - request.submitted_at))
         return True
+
+    def _execute_on_group(self, request: TrainRequest) -> JobOutcome:
+        """``_execute``, again on the restarted group if the group failed under it: still this job's
+        claim and turn, and a step the failed run finished writing is found, not made twice."""
+        attempt = 1
+        while True:
+            try:
+                return self._execute(request)
+            except TrainerGroupError as exc:
+                if attempt >= _GROUP_ATTEMPTS:
+                    raise
+                log.warning("job %s: %s (attempt %d of %d); running it again", request.job_id, exc, attempt,
+                            _GROUP_ATTEMPTS)
+                attempt += 1
 
     def _execute(self, request: TrainRequest) -> JobOutcome:
         ref = request.model

@@ -39,19 +39,22 @@ def per_token_logps(model: Any, batch: MicroBatch, device: torch.device | str) -
         logits_to_keep=predictors,
     ).logits  # (B, K, V)
     targets = input_ids[:, predictors + 1]  # (B, K)
-    logps = torch.zeros(input_ids.shape, dtype=torch.float32, device=logits.device)  # (B, T)
-    logps[:, predictors + 1] = token_logps_at(logits, targets)
+    picked = token_logps_at(logits, targets)  # (B, K)
+    logps = torch.zeros(input_ids.shape, dtype=picked.dtype, device=logits.device)  # (B, T)
+    logps[:, predictors + 1] = picked
     return torch.where(wanted, logps, 0.0)
 
 
 def token_logps_at(logits: Tensor, targets: Tensor) -> Tensor:
-    """``(B, K)`` ``log_softmax(logits)[..., target]`` in float32, for logits ``(B, K, V)``.
+    """``(B, K)`` ``log_softmax(logits)[..., target]`` in float32 (float64 for float64 logits),
+    for logits ``(B, K, V)``.
 
     Computed in chunks so the float32 copy of a ``(K, V)`` vocabulary slab stays small.
     """
+    dtype = torch.promote_types(logits.dtype, torch.float32)
     pieces = []
     for start in range(0, logits.shape[1], _CHUNK_TOKENS):
-        chunk = logits[:, start : start + _CHUNK_TOKENS].float()  # (B, c, V)
+        chunk = logits[:, start : start + _CHUNK_TOKENS].to(dtype)  # (B, c, V)
         picked = chunk.gather(-1, targets[:, start : start + _CHUNK_TOKENS].unsqueeze(-1)).squeeze(-1)  # (B, c)
         pieces.append(picked - torch.logsumexp(chunk, dim=-1))
-    return torch.cat(pieces, dim=1) if pieces else logits.new_zeros(targets.shape, dtype=torch.float32)
+    return torch.cat(pieces, dim=1) if pieces else logits.new_zeros(targets.shape, dtype=dtype)

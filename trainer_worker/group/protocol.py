@@ -1,0 +1,144 @@
+"""The records between the Celery child and its training group, and how they travel.
+
+    Celery child (GroupTrainer)  --GroupCall-->   leader rank (rank 0)   --Order-->   follower ranks
+                                 <--GroupReply--
+
+The child and the leader talk over a Unix socket the child listens on: one
+frame per record, an 8-byte big-endian length and the msgpack. The leader
+passes each job on to its followers as an ``Order`` broadcast on the group's
+gloo control group (``rank.broadcast_bytes``). Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from typing import Literal
+
+import msgspec
+
+from producer.types import JobOutcome, ModelRef, TrainConfig
+from trainer_worker.core.world import Phase
+
+__all__ = [
+    "GroupCall",
+    "GroupHello",
+    "GroupReply",
+    "GroupSpec",
+    "Order",
+    "RankStats",
+    "recv_frame",
+    "send_frame",
+]
+
+_LENGTH = struct.Struct(">Q")
+MAX_FRAME_BYTES = 1 << 34  # 16 GiB: far beyond any payload limit, short of a corrupt length
+
+
+class GroupSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """What every rank needs to build its trainer (msgspec JSON on the rank's command line)."""
+
+    base_model: str
+    """The name jobs carry (``--base-model``); every node must serve the same."""
+    base_model_path: str
+    """Where this node's copy of the model is (resolved on each node)."""
+    checkpoint_root: str
+    device: Literal["cpu", "cuda"]
+    dtype: str
+    max_tokens_per_microbatch: int
+    seed: int
+    collective_timeout_s: float
+    heartbeat_s: float
+    socket_path: str = ""
+    """The Celery child's socket; the leader connects to it. Empty on other nodes."""
+
+    def shared(self) -> GroupSpec:
+        """The fields every rank must agree on (each node has its own paths)."""
+        return msgspec.structs.replace(self, base_model_path="", checkpoint_root="", socket_path="")
+
+
+class GroupCall(msgspec.Struct, frozen=True, kw_only=True):
+    """One call of the Trainer's interface, from the Celery child to the leader."""
+
+    kind: Literal["register", "train", "delete_checkpoints", "latest_step"]
+    model: ModelRef
+    job_id: str = ""
+    config: TrainConfig | None = None
+    keep_steps: list[int] = msgspec.field(default_factory=list)
+    payload: bytes = b""
+    """A train job's groups: ``producer.types.encode_groups``'s msgpack."""
+
+
+class RankStats(msgspec.Struct, frozen=True, kw_only=True):
+    """One rank's part of a job that ran collectives (see ``core.fsdp.RankFigures``)."""
+
+    rank: int
+    tokens: float
+    step_s: float
+    collective_s: float
+
+
+class GroupReply(msgspec.Struct, frozen=True, kw_only=True):
+    """The leader's answer to one ``GroupCall``: a result, or the error the call raised."""
+
+    outcome: JobOutcome | None = None
+    latest: int | None = None
+    deleted: list[int] = msgspec.field(default_factory=list)
+    error_type: str = ""
+    error: str = ""
+    ranks: list[RankStats] = msgspec.field(default_factory=list)
+
+
+class GroupHello(msgspec.Struct, frozen=True, kw_only=True):
+    """The leader's first frame: the group is up and its model loaded."""
+
+    world_size: int
+    hosts: list[str]
+    """Each rank's host name, by rank."""
+
+    @property
+    def nodes(self) -> int:
+        return len(set(self.hosts))
+
+
+class Order(msgspec.Struct, frozen=True, kw_only=True):
+    """What the leader broadcasts to its followers."""
+
+    kind: Literal["heartbeat", "job", "stop"]
+    call: bytes = b""
+    """A job: the ``GroupCall`` frame as the child sent it."""
+    phase: Phase | None = None
+
+
+def send_frame(sock: socket.socket, data: bytes) -> None:
+    sock.sendall(_LENGTH.pack(len(data)))
+    sock.sendall(data)
+
+
+def recv_frame(sock: socket.socket) -> bytes | None:
+    """The next frame; ``None`` if the peer closed the connection between frames."""
+    try:
+        (length,) = _LENGTH.unpack(_recv_exactly(sock, _LENGTH.size))
+    except EOFError:
+        return None
+    if length > MAX_FRAME_BYTES:
+        raise ConnectionError(f"frame of {length} bytes announced: not a trainq peer")
+    try:
+        return _recv_exactly(sock, length)
+    except EOFError:
+        raise ConnectionError(f"connection closed before a {length}-byte frame arrived") from None
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+    """``size`` bytes; ``EOFError`` if the peer closed before the first, ``ConnectionError`` after it."""
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    got = 0
+    while got < size:
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            if got == 0:
+                raise EOFError
+            raise ConnectionError(f"connection closed {got} bytes into a {size}-byte read")
+        got += n
+    return bytes(buffer)
