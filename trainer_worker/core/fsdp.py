@@ -73,7 +73,8 @@ class RankFigures:
 
 @dataclass
 class _Clock:
-    """Time in collectives. On CUDA FSDP's run on their own streams: timed with events, summed at the end."""
+    """Time in collectives: wall time for those the CPU waits on; on CUDA, FSDP's run on their own
+    streams and the CPU does not wait, so those are timed with events and summed at the end."""
 
     cuda: bool
     seconds: float = 0.0
@@ -84,8 +85,8 @@ class _Clock:
         self.events.clear()
 
     @contextmanager
-    def timing(self) -> Iterator[None]:
-        if self.cuda:
+    def timing(self, *, on_stream: bool = False) -> Iterator[None]:
+        if self.cuda and on_stream:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             yield
@@ -115,7 +116,7 @@ class _TimedAllGather:
 
     def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: dist.ProcessGroup,
                  async_op: bool = False) -> Any:
-        with self._clock.timing():
+        with self._clock.timing(on_stream=True):
             return dist.all_gather_single(output_tensor, input_tensor, group=group, async_op=async_op)
 
 
@@ -124,7 +125,7 @@ class _TimedReduceScatter(_TimedAllGather):
 
     def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: dist.ProcessGroup,  # type: ignore[override]
                  op: Any, async_op: bool = False) -> Any:
-        with self._clock.timing():
+        with self._clock.timing(on_stream=True):
             return dist.reduce_scatter_single(output_tensor, input_tensor, op=op, group=group, async_op=async_op)
 
 

@@ -93,12 +93,10 @@ class GroupHello(msgspec.Struct, frozen=True, kw_only=True):
     """The leader's first frame: the group is up and its model loaded."""
 
     world_size: int
+    nodes: int
+    """torchrun agents (machines) in the group."""
     hosts: list[str]
     """Each rank's host name, by rank."""
-
-    @property
-    def nodes(self) -> int:
-        return len(set(self.hosts))
 
 
 class Order(msgspec.Struct, frozen=True, kw_only=True):

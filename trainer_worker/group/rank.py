@@ -97,7 +97,8 @@ class Leader:
     def serve(self) -> None:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
             conn.connect(self.spec.socket_path)
-            hello = GroupHello(world_size=self.world.size, hosts=self.hosts)
+            hello = GroupHello(world_size=self.world.size, nodes=int(os.environ.get("GROUP_WORLD_SIZE", "1")),
+                               hosts=self.hosts)
             send_frame(conn, msgspec.msgpack.encode(hello))
             heartbeat = threading.Thread(target=self._heartbeats, name="trainq-heartbeat", daemon=True)
             heartbeat.start()

@@ -31,6 +31,10 @@ def test_status_and_jobs_read_the_stack_from_redis(redis_url: str, capsys: pytes
     client.hset(keys.WORKERS_KEY, "trainer-cli@test", msgspec.msgpack.encode(
         {"base_model": "cli-test/base", "queue": queue, "pid": 4242, "started_at": now - 30, "ready_at": now - 20}
     ))
+    client.hset(keys.WORKERS_KEY, "trainer-cli-group@test", msgspec.msgpack.encode(
+        {"base_model": "cli-test/base", "queue": queue, "pid": 4343, "started_at": now - 30, "ready_at": now - 20,
+         "ranks": 16, "nodes": 2}
+    ))
     client.hset(keys.job_key("clijob1"), mapping={
         "status": "failed", "kind": "train", "model": "cliproj/agent", "queue": queue, "submitted_at": now - 5,
         "started_at": now - 4, "finished_at": now - 3, "error_type": "ValueError", "error": "groups[0]: bad",
@@ -41,13 +45,14 @@ def test_status_and_jobs_read_the_stack_from_redis(redis_url: str, capsys: pytes
         assert main(["status", "--redis-url", redis_url]) == 0
         out = capsys.readouterr().out
         assert queue in out and "trainer-cli@test" in out and "ready" in out
+        assert "in process" in out and "16 ranks on 2 nodes" in out
         assert "cliproj/agent" in out and " 7 " in out
         assert main(["jobs", "--redis-url", redis_url, "--queue", queue]) == 0
         out = capsys.readouterr().out
         assert "clijob1" in out and "failed" in out and "ValueError: groups[0]: bad" in out
     finally:
         client.delete(keys.model_key("cliproj", "agent"), keys.job_key("clijob1"), keys.queue_jobs_key(queue), queue)
-        client.hdel(keys.WORKERS_KEY, "trainer-cli@test")
+        client.hdel(keys.WORKERS_KEY, "trainer-cli@test", "trainer-cli-group@test")
         client.close()
 
 

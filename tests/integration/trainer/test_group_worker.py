@@ -68,7 +68,8 @@ async def test_two_ranks_serve_producers_and_survive_a_killed_rank(
 
     assert (await backend.train(model, make_groups(1), timeout=120)).step == 8
 
-    scrape = httpx.get(f"http://127.0.0.1:{worker.metrics_port}/metrics").text
+    async with httpx.AsyncClient() as client:
+        scrape = (await client.get(f"http://127.0.0.1:{worker.metrics_port}/metrics")).text
     assert "trainq_group_ranks 2.0" in scrape
     assert "trainq_group_restarts_total 1.0" in scrape
     assert 'trainq_rank_tokens_per_second{rank="1"}' in scrape
