@@ -20,6 +20,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import msgspec
 from celery import Celery
@@ -28,6 +29,10 @@ from celery.signals import worker_process_init, worker_process_shutdown, worker_
 from producer import keys
 from producer.queue import build_celery_app
 from trainer_worker.settings import TrainerSettings
+
+if TYPE_CHECKING:
+    from trainer_worker.core.trainer import Trainer
+    from trainer_worker.group.client import GroupTrainer
 
 log = logging.getLogger(__name__)
 
@@ -148,16 +153,9 @@ def _build_runner(state: _State) -> object:
 
         trainer = GroupTrainer(settings, state.base_model_path)
     else:
-        from trainer_worker.core.trainer import Trainer
+        from trainer_worker.group.launch import build_trainer, group_spec
 
-        trainer = Trainer(
-            base_model_path=state.base_model_path,
-            checkpoint_root=settings.checkpoint_root,
-            device=settings.device,
-            max_tokens_per_microbatch=settings.max_tokens_per_microbatch,
-            seed=settings.seed,
-            dtype=settings.dtype,
-        )
+        trainer = build_trainer(group_spec(settings, state.base_model_path))
         metrics.GROUP_RANKS.set(1)
         metrics.GROUP_NODES.set(1)
     return JobRunner(client, trainer, base_model=settings.base_model, worker_name=state.hostname,

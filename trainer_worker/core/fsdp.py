@@ -268,7 +268,6 @@ class FSDPWorld:
         *,
         fresh_optimizer: bool,
         new_optimizer: Callable[[], torch.optim.Optimizer],
-        optimizer: torch.optim.Optimizer,
     ) -> torch.optim.Optimizer:
         """Every rank's shards of ``state``, which only the leader holds."""
         from torch.distributed.checkpoint.state_dict import (

@@ -248,8 +248,7 @@ class Trainer:
 
     def _load(self, state: TrainingState | None, *, fresh_optimizer: bool) -> None:
         self._optimizer = self.world.load_state(
-            self._loaded, state, fresh_optimizer=fresh_optimizer, new_optimizer=self._new_optimizer,
-            optimizer=self._optimizer,
+            self._loaded, state, fresh_optimizer=fresh_optimizer, new_optimizer=self._new_optimizer
         )
 
     def _save(self, model: ModelRef, step: int, *, job_id: str, metrics: dict[str, float], train_s: float) -> Path:

@@ -9,7 +9,7 @@ a step depends on how many processes take it, through a few hooks:
     schedule         this rank's micro-batches, each with the factor its loss is scaled by
     sum              metric sums over ranks
     clip_grad_norm   clip the gradients to a norm over every rank's shard
-    load_state       make a checkpoint's adapter and optimizer the resident ones
+    load_state       make a checkpoint's adapter the resident one, and its AdamW state a new AdamW's
     checkpoint_writer  the function that writes the resident state into a folder (leader only)
 
 A step on several ranks is the single-process step, split: each rank takes a
@@ -74,7 +74,6 @@ class World(Protocol):
         *,
         fresh_optimizer: bool,
         new_optimizer: Callable[[], torch.optim.Optimizer],
-        optimizer: torch.optim.Optimizer,
     ) -> torch.optim.Optimizer: ...
 
     def checkpoint_writer(
@@ -119,14 +118,13 @@ class SingleProcess:
         *,
         fresh_optimizer: bool,
         new_optimizer: Callable[[], torch.optim.Optimizer],
-        optimizer: torch.optim.Optimizer,
     ) -> torch.optim.Optimizer:
         if state is None:
             raise RuntimeError("one process loads the state it read itself; got none")
         loaded.set_adapter_state(state.adapter)
-        if fresh_optimizer:
-            return new_optimizer()
-        optimizer.load_state_dict(state.optimizer)
+        optimizer = new_optimizer()
+        if not fresh_optimizer:
+            optimizer.load_state_dict(state.optimizer)
         return optimizer
 
     def checkpoint_writer(

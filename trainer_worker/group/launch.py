@@ -25,13 +25,18 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import msgspec
 
 from trainer_worker.group.protocol import GroupSpec
 from trainer_worker.settings import TrainerSettings
 
-__all__ = ["group_spec", "run_member", "torchrun_command", "watch_parent"]
+if TYPE_CHECKING:
+    from trainer_worker.core.trainer import Trainer
+    from trainer_worker.core.world import World
+
+__all__ = ["build_trainer", "group_spec", "run_member", "torchrun_command", "watch_parent"]
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +62,7 @@ def watch_parent() -> None:
 
 
 def group_spec(s: TrainerSettings, base_model_path: str, socket_path: str = "") -> GroupSpec:
-    """The ranks' ``GroupSpec`` from the worker's settings."""
+    """The trainer's ``GroupSpec`` (every rank's, or the one in-process trainer's) from the worker's settings."""
     return GroupSpec(
         base_model=s.base_model,
         base_model_path=base_model_path,
@@ -70,6 +75,21 @@ def group_spec(s: TrainerSettings, base_model_path: str, socket_path: str = "") 
         # Followers wait for orders in a collective: heartbeats keep that wait well inside its timeout.
         heartbeat_s=min(30.0, s.collective_timeout_s / 10),
         socket_path=socket_path,
+    )
+
+
+def build_trainer(spec: GroupSpec, world: World | None = None) -> Trainer:
+    """The ``Trainer`` a spec describes: in this process (no ``world``), or as one rank of a group."""
+    from trainer_worker.core.trainer import Trainer
+
+    return Trainer(
+        spec.base_model_path,
+        spec.checkpoint_root,
+        device=spec.device,
+        max_tokens_per_microbatch=spec.max_tokens_per_microbatch,
+        seed=spec.seed,
+        dtype=spec.dtype,
+        world=world,
     )
 
 

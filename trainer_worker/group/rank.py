@@ -34,7 +34,7 @@ import msgspec
 
 from producer.types import TrainConfig
 from trainer_worker.core.world import Phase
-from trainer_worker.group.launch import watch_parent
+from trainer_worker.group.launch import build_trainer, watch_parent
 from trainer_worker.group.protocol import (
     GroupCall,
     GroupHello,
@@ -212,19 +212,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     import torch.distributed as dist
 
     from trainer_worker.core.fsdp import setup_world
-    from trainer_worker.core.trainer import Trainer
 
     world = setup_world(spec.device, spec.collective_timeout_s)
     check_same_spec(spec, world)
-    trainer = Trainer(
-        spec.base_model_path,
-        spec.checkpoint_root,
-        device=spec.device,
-        max_tokens_per_microbatch=spec.max_tokens_per_microbatch,
-        seed=spec.seed,
-        dtype=spec.dtype,
-        world=world,
-    )
+    trainer = build_trainer(spec, world)
     hosts: list[str | None] = [None] * world.size
     dist.all_gather_object(hosts, socket.gethostname(), group=world.control)
     log.info("rank %d of %d ready on %s", world.rank, world.size, world.device)
