@@ -17,7 +17,7 @@ Every rank holds a shard of each decoder layer and of the rest of the model
 - ``clip_grad_norm_`` on the sharded gradients returns the norm over every
   rank's shard (a DTensor), the same on every rank.
 
-A float64 step on 2 ranks equals the single-process step to about 1e-15
+A float64 step on 2 ranks equals the single-process step to about 1e-13
 (``tests/integration/trainer/test_group_equivalence.py``).
 
 Checkpoints keep the single-process layout: the adapter and the AdamW state
@@ -53,22 +53,9 @@ import torch.distributed as dist
 
 from trainer_worker.core.lora import LoadedModel, TrainingState
 from trainer_worker.core.packing import MicroBatch, TrainSequence, split_by_tokens
-from trainer_worker.core.world import Build, Phase
+from trainer_worker.core.world import Build, Phase, RankStats
 
-__all__ = ["FSDPWorld", "RankFigures", "optimizer_by_index", "optimizer_by_name", "setup_world"]
-
-
-@dataclass
-class RankFigures:
-    """One rank's part of the last job that ran collectives."""
-
-    rank: int
-    tokens: float = 0.0
-    """Tokens this rank forwarded (its share, padding and fillers excluded)."""
-    step_s: float = 0.0
-    """From ``begin`` to the end of the job's collectives."""
-    collective_s: float = 0.0
-    """In collectives: FSDP's all-gathers and reduce-scatters, the state dicts, the sums."""
+__all__ = ["FSDPWorld", "optimizer_by_index", "optimizer_by_name", "setup_world"]
 
 
 @dataclass
@@ -166,10 +153,10 @@ class FSDPWorld:
         self.on_end: Callable[[], None] = lambda: None
         self.phase_open = False
         """Between ``begin`` and the end of the job's collectives: an error now leaves the ranks out of step."""
-        self.figures: list[RankFigures] = []
+        self.figures: list[RankStats] = []
         """Every rank's figures for the last job (the leader's copy; empty elsewhere)."""
         self._clock = _Clock(cuda=device.type == "cuda")
-        self._mine = RankFigures(rank=self.rank)
+        self._mine = RankStats(rank=self.rank)
         self._began = 0.0
         self._model: Any = None
         self._trainable: list[str] = []  # the model's names of the trainable parameters, optimizer order
@@ -222,7 +209,7 @@ class FSDPWorld:
 
     def begin(self, phase: Phase) -> None:
         self._clock.reset()
-        self._mine = RankFigures(rank=self.rank)
+        self._mine = RankStats(rank=self.rank)
         self._began = time.perf_counter()
         self.phase_open = True
         if self.is_leader:
@@ -330,7 +317,9 @@ class FSDPWorld:
         mine = torch.tensor([self._mine.tokens, self._mine.step_s, self._mine.collective_s], dtype=torch.float64)
         every = [torch.zeros_like(mine) for _ in range(self.size)]
         dist.all_gather(every, mine, group=self.control)
-        self.figures = [RankFigures(r, *row.tolist()) for r, row in enumerate(every)] if self.is_leader else []
+        rows = [t.tolist() for t in every] if self.is_leader else []
+        self.figures = [RankStats(rank=r, tokens=tokens, step_s=step_s, collective_s=collective_s)
+                        for r, (tokens, step_s, collective_s) in enumerate(rows)]
 
 
 def _restore_tuples(optimizer: torch.optim.Optimizer) -> None:

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from trainer_worker.core.lora import LoadedModel, TrainingState
     from trainer_worker.core.packing import MicroBatch, TrainSequence
 
-__all__ = ["Phase", "SingleProcess", "World"]
+__all__ = ["Phase", "RankStats", "SingleProcess", "World"]
 
 Build = Callable[["Sequence[TrainSequence]"], "list[MicroBatch]"]
 
@@ -46,6 +46,18 @@ class Phase(msgspec.Struct, frozen=True, kw_only=True):
     """A checkpoint's state is made resident first (the leader's files, broadcast)."""
     fresh_optimizer: bool = False
     """With ``load``: the checkpoint has no AdamW moments, so a new AdamW is made."""
+
+
+class RankStats(msgspec.Struct, kw_only=True):
+    """One rank's part of the last job that ran collectives."""
+
+    rank: int
+    tokens: float = 0.0
+    """Tokens this rank forwarded (its share; padding and fillers not counted)."""
+    step_s: float = 0.0
+    """From ``begin`` to the end of the job's collectives."""
+    collective_s: float = 0.0
+    """In collectives: FSDP's all-gathers and reduce-scatters, the state dicts, the sums."""
 
 
 class World(Protocol):

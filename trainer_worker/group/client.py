@@ -33,8 +33,9 @@ import msgspec
 from producer.errors import TrainerGroupError
 from producer.types import JobOutcome, ModelRef, TrainConfig, TrajectoryGroup, encode_groups
 from trainer_worker import metrics
+from trainer_worker.core.world import RankStats
 from trainer_worker.group.launch import group_spec, torchrun_command
-from trainer_worker.group.protocol import GroupCall, GroupHello, GroupReply, RankStats, recv_frame, send_frame
+from trainer_worker.group.protocol import GroupCall, GroupHello, GroupReply, recv_frame, send_frame
 from trainer_worker.settings import TrainerSettings
 
 __all__ = ["GroupTrainer"]
@@ -77,7 +78,11 @@ class GroupTrainer:
                                          node_rank=0, rdzv_endpoint=settings.rdzv_endpoint)
         self._proc: subprocess.Popen | None = None
         self._conn: socket.socket | None = None
-        self._start()
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
 
     # ------------------------------------------------------------ the interface
 
@@ -122,7 +127,7 @@ class GroupTrainer:
             log.error("the training group failed during %s %s: %s", call.kind, call.job_id, exc)
             self._restart(str(exc))
             raise TrainerGroupError(
-                f"the training group failed during {call.kind} ({exc}); it was started again, nothing was written"
+                f"the training group failed during {call.kind} ({exc}); it was started again"
             ) from exc
         reply = msgspec.msgpack.decode(raw, type=GroupReply)
         self._observe(reply)

@@ -18,7 +18,7 @@ from typing import Literal
 import msgspec
 
 from producer.types import JobOutcome, ModelRef, TrainConfig
-from trainer_worker.core.world import Phase
+from trainer_worker.core.world import Phase, RankStats
 
 __all__ = [
     "GroupCall",
@@ -26,7 +26,6 @@ __all__ = [
     "GroupReply",
     "GroupSpec",
     "Order",
-    "RankStats",
     "recv_frame",
     "send_frame",
 ]
@@ -67,15 +66,6 @@ class GroupCall(msgspec.Struct, frozen=True, kw_only=True):
     keep_steps: list[int] = msgspec.field(default_factory=list)
     payload: bytes = b""
     """A train job's groups: ``producer.types.encode_groups``'s msgpack."""
-
-
-class RankStats(msgspec.Struct, frozen=True, kw_only=True):
-    """One rank's part of a job that ran collectives (see ``core.fsdp.RankFigures``)."""
-
-    rank: int
-    tokens: float
-    step_s: float
-    collective_s: float
 
 
 class GroupReply(msgspec.Struct, frozen=True, kw_only=True):

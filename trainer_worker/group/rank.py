@@ -28,7 +28,7 @@ import socket
 import sys
 import threading
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import msgspec
 
@@ -41,7 +41,6 @@ from trainer_worker.group.protocol import (
     GroupReply,
     GroupSpec,
     Order,
-    RankStats,
     recv_frame,
     send_frame,
 )
@@ -114,16 +113,14 @@ class Leader:
         self.world.figures = []
         try:
             reply = self._run(_call_decoder.decode(raw))
-        except BaseException as exc:  # noqa: BLE001 - every error goes back to the child, typed
+        except Exception as exc:  # noqa: BLE001 - every error goes back to the child, typed
             if self.world.phase_open:
                 if not isinstance(exc, AGREED_ERRORS):
                     _abandon(f"the leader failed in a job's collectives: {type(exc).__name__}: {exc}", exc)
                 self.world.end_after_agreed_error()
             log.info("call failed: %s: %s", type(exc).__name__, exc)
             return GroupReply(error_type=type(exc).__name__, error=str(exc))
-        figures = [RankStats(rank=f.rank, tokens=f.tokens, step_s=f.step_s, collective_s=f.collective_s)
-                   for f in self.world.figures]
-        return msgspec.structs.replace(reply, ranks=figures)
+        return msgspec.structs.replace(reply, ranks=self.world.figures)
 
     def _run(self, call: GroupCall) -> GroupReply:
         from trainer_worker.jobs import decode_groups
@@ -178,11 +175,11 @@ def follow(trainer: Trainer, world: FSDPWorld) -> None:
         except AGREED_ERRORS as exc:
             log.info("job failed on every rank: %s: %s", type(exc).__name__, exc)
             world.end_after_agreed_error()
-        except BaseException as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001
             _abandon(f"failed in a job's collectives: {type(exc).__name__}: {exc}", exc)
 
 
-def _abandon(reason: str, exc: BaseException | None = None) -> None:
+def _abandon(reason: str, exc: BaseException | None = None) -> NoReturn:
     """Leave the group at once: the other ranks' collectives fail, torchrun stops them all."""
     log.critical("rank %s: %s; leaving the group", os.environ.get("RANK", "?"), reason, exc_info=exc)
     logging.shutdown()
