@@ -123,3 +123,12 @@ def test_optimizer_layouts_convert_both_ways():
     for i in range(3):
         for key, value in indexed["state"][i].items():
             assert torch.equal(back["state"][i][key], value)
+
+
+def test_the_celery_child_of_a_group_never_loads_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, trainer_worker.app, trainer_worker.jobs, trainer_worker.group.client; "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
