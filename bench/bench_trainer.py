@@ -32,6 +32,7 @@ in fresh processes, interleaved.
     python bench/bench_trainer.py --quick                 # tiny + a short SmolLM2 step (< 1 min)
     python bench/bench_trainer.py                         # tiny + SmolLM2, packed vs padded, wait policies
     python bench/bench_trainer.py --device cuda           # 0.5B-class model at 16k tokens (GPU)
+    python bench/bench_trainer.py --nproc-per-node 1 2    # tokens/s on 1 and 2 FSDP2 ranks, scaling efficiency
 """
 
 from __future__ import annotations
@@ -111,26 +112,15 @@ def make_groups(w: Workload, vocab: int, seed: int = 0):
 def run_mode(model_path: Path, mode: str, w: Workload, device: str, attention: str = ATTENTION) -> dict[str, float]:
     import torch
 
-    from producer.types import ModelRef, TrainConfig
     from trainer_worker.core.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as root:
         trainer = Trainer(str(model_path), root, device=device, max_tokens_per_microbatch=w.budget, packing=mode,
                           attn_implementation=attention)
-        model = ModelRef(project="bench", name=mode, base_model=w.model)
-        trainer.register(model)
         params = trainer.num_base_parameters
-        vocab = min(len(trainer.tokenizer), trainer._loaded.vocab_size)
-        groups = make_groups(w, vocab)
-        config = TrainConfig(learning_rate=1e-4)
-        trainer.train("warmup", model, config, groups)
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        times, outcomes = [], []
-        for step in range(w.steps):
-            start = time.perf_counter()
-            outcomes.append(trainer.train(f"job-{step}", model, config, groups))
-            times.append(time.perf_counter() - start)
+        groups = make_groups(w, min(len(trainer.tokenizer), trainer._loaded.vocab_size))
+        times, outcomes = time_steps(trainer, w, groups, name=mode,
+                                     after_warmup=torch.cuda.reset_peak_memory_stats if device == "cuda" else None)
         positions = _forwarded_positions(trainer, groups)
     peak_bytes = torch.cuda.max_memory_allocated() if device == "cuda" else float("nan")
     metrics = outcomes[-1].metrics
@@ -147,6 +137,83 @@ def run_mode(model_path: Path, mode: str, w: Workload, device: str, attention: s
         "params": float(params),
         "peak_gib": peak_bytes / 2**30,
     }
+
+
+def time_steps(trainer, w: Workload, groups, *, name: str, after_warmup=None) -> tuple[list[float], list]:
+    """Register a model on ``trainer`` (a ``Trainer`` or a ``GroupTrainer``), take one warm-up step,
+    then time ``w.steps`` calls of ``train``; return the seconds and the outcomes."""
+    from producer.types import ModelRef, TrainConfig
+
+    model = ModelRef(project="bench", name=name, base_model=w.model)
+    trainer.register(model)
+    config = TrainConfig(learning_rate=1e-4)
+    trainer.train("warmup", model, config, groups)
+    if after_warmup is not None:
+        after_warmup()
+    times, outcomes = [], []
+    for step in range(w.steps):
+        start = time.perf_counter()
+        outcomes.append(trainer.train(f"job-{step}", model, config, groups))
+        times.append(time.perf_counter() - start)
+    return times, outcomes
+
+
+def run_ranks(model_path: Path, w: Workload, ranks: int, *, torchrun: bool) -> dict[str, float]:
+    """One workload on ``ranks`` FSDP2 ranks under torchrun (gloo on the CPU), or in this process
+    (``torchrun=False``, one rank); the ranks share this machine's cores."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
+
+    from trainer_worker.core.trainer import Trainer
+    from trainer_worker.group.client import GroupTrainer
+    from trainer_worker.settings import TrainerSettings
+
+    vocab = min(len(AutoTokenizer.from_pretrained(model_path)), AutoConfig.from_pretrained(model_path).vocab_size)
+    groups = make_groups(w, vocab)
+    with tempfile.TemporaryDirectory() as root:
+        if torchrun:
+            settings = TrainerSettings(base_model=w.model, checkpoint_root=root, nproc_per_node=ranks,
+                                       max_tokens_per_microbatch=w.budget)
+            trainer = GroupTrainer(settings, str(model_path))
+        else:
+            trainer = Trainer(str(model_path), root, max_tokens_per_microbatch=w.budget)
+        try:
+            times, outcomes = time_steps(trainer, w, groups, name=f"ranks-{ranks}")
+            figures = trainer.last_ranks if torchrun else []
+        finally:
+            if torchrun:
+                trainer.close()
+    step_s = median(times)
+    metrics = outcomes[-1].metrics
+    threads = max(1, (os.cpu_count() or 1) // ranks) if torchrun and ranks > 1 else torch.get_num_threads()
+    return {
+        "step_s": step_s,
+        "trained_tok/s": metrics["num_tokens"] / step_s,
+        "seq_tok/s": metrics["num_sequence_tokens"] / step_s,
+        "threads": float(threads),
+        "rank_tok/s": [f.tokens / f.step_s for f in figures],
+        "collective_frac": max((f.collective_s / f.step_s for f in figures), default=0.0),
+    }
+
+
+def scaling(loads: list[Workload], ranks: list[int]) -> list[list[str]]:
+    """Tokens/s on 1..N ranks, each against one process on the same machine."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for w in loads:
+            path = model_path(w.model, Path(tmp))
+            base = run_ranks(path, w, 1, torchrun=False)
+            for n, torchrun in [(1, False), *((n, True) for n in ranks)]:
+                r = base if (n, torchrun) == (1, False) else run_ranks(path, w, n, torchrun=torchrun)
+                speedup = r["seq_tok/s"] / base["seq_tok/s"]
+                rows.append([
+                    w.model, str(n), "torchrun" if torchrun else "in process", f"{r['threads']:.0f}",
+                    f"{r['step_s']:.3f}", f"{r['trained_tok/s']:,.0f}", f"{r['seq_tok/s']:,.0f}",
+                    " / ".join(f"{t:,.0f}" for t in r["rank_tok/s"]) or "-",
+                    f"{r['collective_frac']:.0%}" if torchrun else "-", f"{speedup:.2f}x", f"{speedup / n:.0%}",
+                ])
+                print("  done:", " ".join(rows[-1]), file=sys.stderr, flush=True)
+    return rows
 
 
 def _forwarded_positions(trainer, groups) -> int:
@@ -250,6 +317,9 @@ def main() -> None:
     parser.add_argument("--models", default="", help="comma-separated subset of the device's models")
     parser.add_argument("--attention", nargs="+", default=[ATTENTION, "sdpa"],
                         help=f"attention implementations to time (default: {ATTENTION}, the trainer's, and sdpa)")
+    parser.add_argument("--nproc-per-node", type=int, nargs="+", default=None, metavar="N",
+                        help="only the scaling table: the workloads on N FSDP2 ranks under torchrun (1 is also "
+                        "run in process, the baseline), e.g. --nproc-per-node 1 2")
     parser.add_argument("--compare-wait-policy", type=int, default=None, metavar="ROUNDS",
                         help="rounds of the OpenMP wait-policy comparison (default: 2 in full mode on CPU, 0 in quick)")
     args = parser.parse_args()
@@ -257,6 +327,9 @@ def main() -> None:
     import torch
 
     loads = [w for w in workloads(args) if not args.models or w.model in args.models.split(",")]
+    if args.nproc_per_node:
+        print_scaling(loads, args.nproc_per_node)
+        return
     peak = matmul_peak(args.device, 8192 if args.device == "cuda" else 2048)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -304,6 +377,23 @@ def main() -> None:
         print()
         print("OpenMP wait policy, one tiny-model step (4x4 groups) per fresh process, interleaved:")
         print_table(["OMP_WAIT_POLICY", "n", "step_s median", "p99"], compare_wait_policy(rounds))
+
+
+def print_scaling(loads: list[Workload], ranks: list[int]) -> None:
+    import torch
+
+    rows = scaling(loads, ranks)
+    print(machine_line())
+    print(f"torch {torch.__version__}, gloo, FSDP2 (fully_shard per decoder layer and on the peft model); "
+          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
+    for w in loads:
+        print(f"  {w.model}: {w.groups} groups x {w.group_size}, lengths {w.min_len}-{w.max_len}, "
+              f"budget {w.budget} tokens/micro-batch, {w.steps} measured steps after 1 warm-up")
+    print("step_s: median wall time of a train call (the IPC to the leader and the checkpoint included); "
+          "speedup: seq_tok/s over in process; efficiency: speedup / ranks; collectives: the largest "
+          "share of a rank's step spent in them")
+    print_table(["model", "ranks", "how", "threads/rank", "step_s", "trained_tok/s", "seq_tok/s",
+                 "tok/s per rank", "collectives", "speedup", "efficiency"], rows)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,10 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from producer.workers import WorkerInfo
 
 DEFAULT_PATH = ".trainq"
 
@@ -153,8 +156,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         rows.append([
             worker.hostname, info.queue, role, info.pid, "ready" if info.ready_at else "starting",
             _age(now - info.started_at), _age(now - worker.seen_at) + " ago" if worker.seen_at else "never",
+            _group(info),
         ])
-    print(_table(["worker", "queue", "role", "pid", "model", "up", "heartbeat"], rows) if rows else "  (none)")
+    print(_table(["worker", "queue", "role", "pid", "model", "up", "heartbeat", "training"], rows) if rows else "  (none)")
 
     print("\nmodels")
     rows = []
@@ -166,6 +170,14 @@ def cmd_status(args: argparse.Namespace) -> int:
                      _age(now - float(updated)) + " ago" if updated else "-"])
     print(_table(["model", "base model", "step", "updated"], rows) if rows else "  (none)")
     return 0
+
+
+def _group(info: WorkerInfo) -> str:
+    """Where a trainer worker trains: in its own process, or on a group of ranks over nodes."""
+    ranks, nodes = info.ranks, info.nodes
+    if ranks == 1 and nodes == 1:
+        return "in process"
+    return f"{ranks} ranks on {nodes} node{'s' if nodes != 1 else ''}"
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@
     ├── PayloadTooLargeError      a job's groups exceed the configured size; nothing was queued
     ├── TrainTimeoutError         waiting for a job ran past ``timeout``; the job goes on
     ├── NoWorkerError             no live trainer worker serves the model's queue; names the live ones
+    ├── TrainerGroupError         (worker side) a training group's rank died or timed out; retryable
     └── JobError                  about one job (``.job_id``)
         ├── JobNotFoundError      no record of that job id (never submitted, or expired)
         ├── JobCancelledError     cancelled while queued; it never ran
@@ -53,6 +54,15 @@ class NoWorkerError(TrainqError):
             f"{serving}. {fix[0].upper()}{fix[1:]}give the model the base_model string a live worker serves"
         )
         self.queue = queue
+
+
+class TrainerGroupError(TrainqError):
+    """A trainer worker's training group failed mid-call (a rank died, a collective timed out).
+
+    Nothing of the call was written; the worker has started the group again (or
+    will on its next call) and retries the job. A job's record names this error
+    only when every retry failed.
+    """
 
 
 class JobError(TrainqError):

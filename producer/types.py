@@ -250,14 +250,15 @@ class TrajectoryGroup(msgspec.Struct, array_like=True, gc=False):
     sampled_step: int | None = None
 
     def __post_init__(self) -> None:
-        items = self.trajectories if type(self.trajectories) is list else list(self.trajectories)
+        items: list[Any] = self.trajectories if type(self.trajectories) is list else list(self.trajectories)
+        exceptions: list[Any] = list(self.exceptions)
         if any(type(item) is not Trajectory for item in items):
-            errors = [item for item in items if isinstance(item, BaseException)]
+            exceptions += [item for item in items if isinstance(item, BaseException)]
             items = [_rollout_or_trajectory(item) for item in items if not isinstance(item, BaseException)]
-            self.exceptions = [*self.exceptions, *errors]
         self.trajectories = items
-        if any(not isinstance(info, ExceptionInfo) for info in self.exceptions):
-            self.exceptions = [_as_exception_info(info) for info in self.exceptions]
+        if any(not isinstance(info, ExceptionInfo) for info in exceptions):
+            exceptions = [_as_exception_info(info) for info in exceptions]
+        self.exceptions = exceptions
 
     def __iter__(self) -> Iterator[Trajectory]:
         return iter(self.trajectories)

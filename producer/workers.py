@@ -34,6 +34,10 @@ class WorkerInfo(msgspec.Struct, kw_only=True):
     heartbeat_s: float = 5.0
     child_pid: int = 0
     ready_at: float = 0.0
+    ranks: int = 1
+    """Ranks training the model: 1 in the training child itself, more on a torchrun group."""
+    nodes: int = 1
+    """Machines of that group."""
 
 
 _info_decoder = msgspec.msgpack.Decoder(WorkerInfo)

@@ -37,6 +37,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     # stack); a step on a busy 2-CPU box ran up to 10x slower (bench/bench_trainer.py).
     # Read when torch loads, in the training child.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if settings.node_rank > 0:
+        from trainer_worker.group.launch import run_member
+
+        # Another machine of node 0's training group: its ranks only, no Celery worker.
+        run_member(settings, resolve_in_subprocess(settings.base_model))
+        return
     from trainer_worker.app import create_app
 
     app, state = create_app(settings, resolve_in_subprocess(settings.base_model))

@@ -24,6 +24,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import msgspec
 import redis
@@ -44,6 +45,10 @@ from trainer_worker import broker
 from trainer_worker.jobs import RecordLost
 from trainer_worker.liveness import Supervisor, liveness_step, new_worker_id
 from trainer_worker.settings import TrainerSettings
+
+if TYPE_CHECKING:
+    from trainer_worker.core.trainer import Trainer
+    from trainer_worker.group.client import GroupTrainer
 
 log = logging.getLogger(__name__)
 
@@ -147,23 +152,29 @@ def _connect_signals(state: _State, supervisor: Supervisor) -> None:
         # new child to report; load beside it, and let the first job wait for it.
         def load() -> None:
             try:
-                state.runner.set_result(_build_runner(state))
+                runner = _build_runner(state)
             except BaseException:
                 log.critical("the training child cannot load the model; exiting", exc_info=True)
                 os._exit(1)
-            announce(child_pid=os.getpid(), ready_at=time.time())
+            state.runner.set_result(runner)
+            trainer = runner.trainer
+            announce(child_pid=os.getpid(), ready_at=time.time(), ranks=getattr(trainer, "world_size", 1),
+                     nodes=getattr(trainer, "nodes", 1))
 
         threading.Thread(target=load, name="trainq-load-model", daemon=True).start()
 
     @worker_process_shutdown.connect(weak=False)
     def _child_exit(**_: object) -> None:
         log.info("training child %d exiting", os.getpid())
+        if state.runner.done() and not state.runner.exception():
+            close = getattr(state.runner.result().trainer, "close", None)
+            if close is not None:
+                close()  # a training group stops with its child
 
 
 def _build_runner(state: _State) -> object:
     """Load the model and the trainer in the child: the only place torch meets a device."""
     from trainer_worker import metrics
-    from trainer_worker.core.trainer import Trainer
     from trainer_worker.jobs import JobRunner
 
     settings = state.settings
@@ -172,13 +183,17 @@ def _build_runner(state: _State) -> object:
                                   socket_timeout=120, client_name="trainq-trainer")
     if settings.metrics_port:
         metrics.serve(settings.metrics_port, client, state.queue, state.worker_id)
-    trainer = Trainer(
-        base_model_path=state.base_model_path,
-        checkpoint_root=settings.checkpoint_root,
-        device=settings.device,
-        max_tokens_per_microbatch=settings.max_tokens_per_microbatch,
-        seed=settings.seed,
-    )
+    trainer: Trainer | GroupTrainer
+    if settings.distributed:
+        from trainer_worker.group.client import GroupTrainer  # the ranks load torch; this process need not
+
+        trainer = GroupTrainer(settings, state.base_model_path)
+    else:
+        from trainer_worker.group.launch import build_trainer, group_spec
+
+        trainer = build_trainer(group_spec(settings, state.base_model_path))
+        metrics.GROUP_RANKS.set(1)
+        metrics.GROUP_NODES.set(1)
     return JobRunner(client, trainer, base_model=settings.base_model, worker_name=state.hostname,
                      worker_id=state.worker_id, max_payload_bytes=settings.max_payload_bytes,
                      max_attempts=settings.max_attempts, lease_s=settings.lease_s,

@@ -37,6 +37,7 @@ from tenacity import Retrying, stop_after_delay
 
 from producer import keys
 from producer._redis import UNREACHABLE, redis_retrying
+from producer.errors import TrainerGroupError
 from producer.types import (
     CheckpointEvent,
     JobOutcome,
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
     import redis
 
     from trainer_worker.core.trainer import Trainer
+    from trainer_worker.group.client import GroupTrainer
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +195,7 @@ _REJECTIONS = (ValueError, TypeError, LookupError, msgspec.DecodeError, msgspec.
 DEFAULT_REDIS_RETRY_S = 120.0
 DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_LEASE_S = 15.0
+_GROUP_ATTEMPTS = 3  # runs of a job whose training group failed under it (each after a restart)
 DEFAULT_MAX_PAYLOAD_BYTES = 256 * 1024 * 1024  # the same default as QueueBackend's
 
 T = TypeVar("T")
@@ -282,8 +285,8 @@ class JobRunner:
         layout: kombu's key names, to hand a job back to the front of its queue.
     """
 
-    def __init__(self, redis_client: redis.Redis, trainer: Trainer, *, base_model: str, worker_name: str,
-                 worker_id: str = "", max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+    def __init__(self, redis_client: redis.Redis, trainer: Trainer | GroupTrainer, *, base_model: str,
+                 worker_name: str, worker_id: str = "", max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
                  max_attempts: int = DEFAULT_MAX_ATTEMPTS, lease_s: float = DEFAULT_LEASE_S,
                  redis_retry_s: float = DEFAULT_REDIS_RETRY_S, layout: broker.BrokerLayout | None = None) -> None:
         self.redis = redis_client
@@ -325,7 +328,7 @@ class JobRunner:
             return
         started = time.time()
         try:
-            outcome = self._execute(request, claim)
+            outcome = self._execute_on_group(request, claim)
         except Fenced as exc:
             self._hand_back(request, claim, delivery_tag, str(exc), superseded=exc.superseded)
         except FileExistsError as exc:
@@ -375,6 +378,20 @@ class JobRunner:
             log.error("job %s started %s times without finishing; failed as a poison job", request.job_id,
                       claim.detail)
             metrics.JOBS.labels(model, request.kind, "failed").inc()
+
+    def _execute_on_group(self, request: TrainRequest, claim: Claim) -> JobOutcome:
+        """``_execute``, again on the restarted group if the group failed under it: still this job's
+        claim and turn, and a step the failed run finished writing is committed, not made twice."""
+        attempt = 1
+        while True:
+            try:
+                return self._execute(request, claim)
+            except TrainerGroupError as exc:
+                if attempt >= _GROUP_ATTEMPTS:
+                    raise
+                log.warning("job %s: %s (attempt %d of %d); running it again", request.job_id, exc, attempt,
+                            _GROUP_ATTEMPTS)
+                attempt += 1
 
     def _execute(self, request: TrainRequest, claim: Claim) -> JobOutcome:
         ref = request.model

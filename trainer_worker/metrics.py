@@ -74,6 +74,23 @@ STEP_GAUGES: dict[str, Gauge] = {
 }
 """Gauges set from the train step's metric of the same name."""
 
+GROUP_RANKS = Gauge(
+    "trainq_group_ranks", "Ranks training the model (1: in the worker's own process).", registry=REGISTRY,
+)
+GROUP_NODES = Gauge("trainq_group_nodes", "Machines of the training group.", registry=REGISTRY)
+GROUP_RESTARTS = Counter(
+    "trainq_group_restarts", "Times the training group was started again after it failed.", registry=REGISTRY,
+)
+RANK_TOKENS_PER_S = Gauge(
+    "trainq_rank_tokens_per_second", "Tokens a rank forwarded per second of the latest job with collectives.",
+    ["rank"], registry=REGISTRY,
+)
+COLLECTIVE_SECONDS = Counter(
+    "trainq_collective_seconds",
+    "Seconds a rank spent in collectives (FSDP's all-gathers and reduce-scatters, state dicts, sums).",
+    ["rank"], registry=REGISTRY,
+)
+
 
 class QueueDepthCollector(Collector):
     """``trainq_queue_depth{queue}``: messages waiting in the broker, read at scrape time."""

@@ -60,6 +60,35 @@ class TrainerSettings(ServiceSettings):
     )
     seed: int = Field(0, description="Seed of the LoRA initialisation.")
     hostname: str = Field("", description="Celery worker name (default: trainer@<host>).")
+    dtype: Literal["auto", "float32", "bfloat16", "float64"] = Field(
+        "auto",
+        description="Base model dtype: auto is bfloat16 on cuda, float32 on cpu; float64 is for exactness checks.",
+    )
+    nproc_per_node: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="Training ranks on this machine (one per GPU on cuda). Above 1, or with --nnodes above 1, "
+        "the model trains on a torchrun group with FSDP2; 1 on one node trains in the Celery child.",
+    )
+    nnodes: int = Field(1, ge=1, le=4096, description="Machines in the training group (torchrun --nnodes).")
+    node_rank: int = Field(
+        0,
+        ge=0,
+        description="This machine's place in the group: 0 runs the Celery worker and rank 0; others only "
+        "train (torchrun --node-rank).",
+    )
+    rdzv_endpoint: str = Field(
+        "",
+        pattern=r"^$|^[^\s:]+:\d{1,5}$",
+        description="host:port of node 0 where the group meets (torchrun --rdzv-endpoint, static rendezvous); "
+        "needed with --nnodes above 1.",
+    )
+    collective_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="Seconds any collective of the training group may wait before the group is restarted.",
+    )
 
     @model_validator(mode="after")
     def _default_microbatch_for_device(self) -> TrainerSettings:
@@ -67,3 +96,16 @@ class TrainerSettings(ServiceSettings):
             per_device = CPU_MICROBATCH_TOKENS if self.device == "cpu" else CUDA_MICROBATCH_TOKENS
             self.max_tokens_per_microbatch = per_device
         return self
+
+    @model_validator(mode="after")
+    def _group_fits(self) -> TrainerSettings:
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"--node-rank {self.node_rank} must be below --nnodes {self.nnodes}")
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError(f"--nnodes {self.nnodes} needs --rdzv-endpoint, the host:port of node 0")
+        return self
+
+    @property
+    def distributed(self) -> bool:
+        """Training runs on a torchrun group rather than in the Celery child."""
+        return self.nproc_per_node > 1 or self.nnodes > 1

@@ -118,7 +118,8 @@ class WorkerProcess:
 
 
 def start_trainer_worker(redis_url: str, base_model: str, workdir: Path, *, hostname: str | None = None,
-                         extra: list[str] | None = None, checkpoint_root: Path | None = None) -> WorkerProcess:
+                         extra: list[str] | None = None, checkpoint_root: Path | None = None,
+                         ready_timeout: float = 120.0) -> WorkerProcess:
     """Start a real trainer worker (separate process, prefork child) and wait until it can train."""
     workdir.mkdir(parents=True, exist_ok=True)
     hostname = hostname or f"trainer-{free_port()}@test"
@@ -139,7 +140,7 @@ def start_trainer_worker(redis_url: str, base_model: str, workdir: Path, *, host
     worker = WorkerProcess(proc, hostname=hostname, redis_url=redis_url, base_model=base_model,
                            checkpoint_root=checkpoint_root, metrics_port=metrics_port, log_path=log_path)
     try:
-        worker.wait_ready()
+        worker.wait_ready(timeout=ready_timeout)
     except BaseException:
         worker.stop()
         raise

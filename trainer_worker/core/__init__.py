@@ -6,6 +6,8 @@
     packing       sequences -> micro-batches under a token budget
     checkpoints   the on-disk checkpoint layout, written atomically
     trainer       ``Trainer``: register, train (exactly once), delete checkpoints
+    world         where a step runs: one process, or one rank of a group (the hooks ``Trainer`` calls)
+    fsdp          ``FSDPWorld``: a rank of a torch.distributed group training one model with FSDP2
 
 Importing this package imports no torch; its modules do.
 """

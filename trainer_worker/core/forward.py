@@ -43,22 +43,25 @@ def per_token_logps(model: Any, batch: MicroBatch, device: torch.device | str) -
     ).logits  # (B, K, V)
     targets = input_ids[:, predictors + 1]  # (B, K)
     temperatures = batch.temperatures.to(device)[:, predictors + 1]  # (B, K)
-    logps = torch.zeros(input_ids.shape, dtype=torch.float32, device=logits.device)  # (B, T)
-    logps[:, predictors + 1] = token_logps_at(logits, targets, temperatures)
+    picked = token_logps_at(logits, targets, temperatures)  # (B, K)
+    logps = torch.zeros(input_ids.shape, dtype=picked.dtype, device=logits.device)  # (B, T)
+    logps[:, predictors + 1] = picked
     return torch.where(wanted, logps, 0.0)
 
 
 def token_logps_at(logits: Tensor, targets: Tensor, temperatures: Tensor | None = None) -> Tensor:
-    """``(B, K)`` ``log_softmax(logits / temperature)[..., target]`` in float32, for logits ``(B, K, V)``.
+    """``(B, K)`` ``log_softmax(logits / temperature)[..., target]`` in float32 (float64 for float64
+    logits), for logits ``(B, K, V)``.
 
     ``temperatures`` is ``(B, K)`` (1 when ``None``). Computed in chunks so the
     float32 copy of a ``(K, V)`` vocabulary slab stays small.
     """
+    dtype = torch.promote_types(logits.dtype, torch.float32)
     pieces = []
     for start in range(0, logits.shape[1], _CHUNK_TOKENS):
-        chunk = logits[:, start : start + _CHUNK_TOKENS].float()  # (B, c, V)
+        chunk = logits[:, start : start + _CHUNK_TOKENS].to(dtype)  # (B, c, V)
         if temperatures is not None:
-            chunk = chunk / temperatures[:, start : start + _CHUNK_TOKENS].unsqueeze(-1)  # (B, c, V)
+            chunk = chunk / temperatures[:, start : start + _CHUNK_TOKENS].unsqueeze(-1).to(dtype)  # (B, c, V)
         picked = chunk.gather(-1, targets[:, start : start + _CHUNK_TOKENS].unsqueeze(-1)).squeeze(-1)  # (B, c)
         pieces.append(picked - torch.logsumexp(chunk, dim=-1))
-    return torch.cat(pieces, dim=1) if pieces else logits.new_zeros(targets.shape, dtype=torch.float32)
+    return torch.cat(pieces, dim=1) if pieces else logits.new_zeros(targets.shape, dtype=dtype)

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from trainer_worker.core.tokenize import TokenizedTrajectory
 
-__all__ = ["MicroBatch", "PackingMode", "TrainSequence", "build_microbatches"]
+__all__ = ["MicroBatch", "PackingMode", "TrainSequence", "build_microbatches", "split_by_tokens"]
 
 PackingMode = Literal["packed", "padded"]
 Column: TypeAlias = "list | array"  # one per-token field of a sequence or row
@@ -74,6 +74,25 @@ def build_microbatches(
     if mode == "padded":
         return [_pad_rows([sequences[i] for i in rows], pad_token_id) for rows in _sorted_padded(sequences, max_tokens)]
     raise ValueError(f"unknown packing mode {mode!r}")
+
+
+def split_by_tokens(lengths: Sequence[int], parts: int) -> list[list[int]]:
+    """Indices of ``lengths`` dealt into ``parts`` shares of about equal total length.
+
+    Longest first, each to the share with the fewest tokens so far (the lowest
+    share on a tie): Graham's LPT rule, within 4/3 of the best split. The same
+    lengths always give the same shares, so every rank computes every rank's
+    share without a word exchanged. Each share lists its indices ascending.
+    """
+    if parts < 1:
+        raise ValueError(f"parts must be >= 1, got {parts}")
+    shares: list[list[int]] = [[] for _ in range(parts)]
+    loads = [0] * parts
+    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        target = min(range(parts), key=lambda p: (loads[p], p))
+        shares[target].append(index)
+        loads[target] += lengths[index]
+    return [sorted(share) for share in shares]
 
 
 def _first_fit_decreasing(sequences: Sequence[TrainSequence], max_tokens: int) -> list[list[int]]:

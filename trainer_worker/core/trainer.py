@@ -24,12 +24,13 @@ from producer.types import JobOutcome, ModelRef, TrainConfig, TrajectoryGroup
 from producer.validation import validate_groups
 from trainer_worker.core import checkpoints
 from trainer_worker.core.attention import ATTENTION
-from trainer_worker.core.batch import prepare_batch
+from trainer_worker.core.batch import PreparedBatch, prepare_batch
 from trainer_worker.core.forward import per_token_logps
-from trainer_worker.core.lora import LoadedModel, LoraSettings, setup_model
+from trainer_worker.core.lora import LoadedModel, LoraSettings, TrainingState, resolve_dtype, setup_model
 from trainer_worker.core.loss import LossConfig, LossInputs, compute_loss, loss_config_from_train_config
 from trainer_worker.core.packing import MicroBatch, PackingMode, TrainSequence, build_microbatches
 from trainer_worker.core.tokenize import tokenize_trajectory
+from trainer_worker.core.world import Phase, SingleProcess, World
 
 Writer = checkpoints.Writer
 
@@ -42,7 +43,8 @@ _LOSS_METRICS = (
     "loss", "policy_loss", "kl", "clip_fraction", "ratio_mean",
     "mismatch_kl_k3", "mismatch_logprob_abs_diff", "mismatch_ratio_mean",
 )
-_MAX_METRICS = ("mismatch_ratio_max",)
+_SUMMED = (*_LOSS_METRICS, "num_microbatches")  # summed over micro-batches, and over ranks
+_MAX_METRICS = ("mismatch_ratio_max",)  # the largest over micro-batches, and over ranks
 
 
 class Trainer:
@@ -58,6 +60,11 @@ class Trainer:
         packing: ``"packed"`` (several sequences per row) or ``"padded"``.
         attn_implementation: per-sequence causal attention (``attention.ATTENTION``, the default)
             or one of transformers' (``"sdpa"``), kept for comparison.
+        dtype: the base model's dtype: ``"auto"`` (bfloat16 on CUDA, float32 on the CPU),
+            ``"float32"``, ``"bfloat16"`` or ``"float64"`` (for exactness checks).
+        world: where a step runs (``world.SingleProcess`` by default); a ``fsdp.FSDPWorld``
+            makes this trainer one rank of a group. Only the leader's public methods are
+            called; the other ranks run ``follow`` for each job the leader begins.
     """
 
     def __init__(
@@ -73,6 +80,8 @@ class Trainer:
         lora_targets: tuple[str, ...] | None = None,
         packing: PackingMode = "packed",
         attn_implementation: str = ATTENTION,
+        dtype: str = "auto",
+        world: World | None = None,
     ) -> None:
         if max_tokens_per_microbatch < 1:
             raise ValueError(f"max_tokens_per_microbatch must be >= 1, got {max_tokens_per_microbatch}")
@@ -81,7 +90,12 @@ class Trainer:
         self.checkpoint_root = Path(checkpoint_root)
         self.max_tokens_per_microbatch = max_tokens_per_microbatch
         self.packing: PackingMode = packing
-        self._loaded: LoadedModel = setup_model(base_model_path, device, lora, seed, attn_implementation)
+        self.world: World = world or SingleProcess()
+        self._loaded: LoadedModel = setup_model(
+            base_model_path, self.world.load_device(device), lora, seed, attn_implementation,
+            resolve_dtype(dtype, device),
+        )
+        self.world.shard(self._loaded)
         self._optimizer = self._new_optimizer()
         self._resident: tuple[str, int] | None = None  # (model key, step) the adapter in memory is
 
@@ -111,9 +125,9 @@ class Trainer:
         latest = self.latest_step(model)
         if latest is not None:
             return self.outcome_of(model, latest)
-        self._loaded.set_adapter_state(self._loaded.initial_adapter)
-        self._optimizer = self._new_optimizer()
         self._resident = None
+        self.world.begin(Phase(latest=-1, load=True, fresh_optimizer=True))
+        self._load(TrainingState(adapter=self._loaded.initial_adapter, optimizer=None), fresh_optimizer=True)
         path = self._save(model, 0, job_id="", metrics={}, train_s=0.0, writer=writer)
         self._resident = (model.key, 0)
         log.info("registered %s at %s", model.key, path)
@@ -163,21 +177,19 @@ class Trainer:
         if made is not None:
             return made.outcome()
         validate_groups(groups, allow_missing_logprobs=config.allow_training_without_logprobs)
-        tokenize = partial(
-            tokenize_trajectory,
-            tokenizer=self._loaded.tokenizer,
-            vocab_size=self._loaded.vocab_size,
-            max_length=self._loaded.max_positions,
-            allow_missing_logprobs=config.allow_training_without_logprobs,
-        )
-        batch = prepare_batch(groups, latest, config, tokenize)
+        batch = self._prepare(groups, latest, config)
 
         step = latest + 1
         learning_rate = effective_learning_rate(config, batch.metrics)
+        # Read before ``begin``: once followers are told to load, the leader must have something to send.
+        state = None if self._resident == (model.key, latest) else self._read(model, latest)
         try:
-            self._activate(model, latest)
+            self.world.begin(Phase(latest=latest, load=state is not None,
+                                   fresh_optimizer=state is not None and state.fresh_optimizer))
+            self._activate(model, latest, state)
             step_metrics = self._optimize(batch.sequences, loss_config_from_train_config(config), learning_rate)
-            metrics = _finite({**batch.metrics, **step_metrics, "learning_rate": learning_rate})
+            metrics = _finite({**batch.metrics, **step_metrics, "learning_rate": learning_rate,
+                               "num_ranks": float(self.world.size)})
             train_s = time.perf_counter() - started
             metrics["train_s"] = train_s
             saving = time.perf_counter()
@@ -194,6 +206,26 @@ class Trainer:
         # The save's own duration cannot be inside the checkpoint it measures: returned only.
         metrics = {**metrics, "checkpoint_save_s": save_s}
         return JobOutcome(step=step, metrics=metrics, checkpoint_path=str(path), train_s=train_s)
+
+    def follow(self, phase: Phase, config: TrainConfig | None, groups: list[TrajectoryGroup] | None) -> None:
+        """A follower rank's part of a job its leader began: the same collectives, in the same order.
+
+        ``groups`` is ``None`` for a registration (the untrained adapter, then
+        the gather of step 0). The leader checked the job before ``begin``, so
+        an error here means this rank is out of step with the others.
+        """
+        batch = None if groups is None or config is None else self._prepare(groups, phase.latest, config)
+        self.world.begin(phase)
+        try:
+            if phase.load:
+                self._load(None, fresh_optimizer=phase.fresh_optimizer)
+            if batch is not None and config is not None:
+                learning_rate = effective_learning_rate(config, batch.metrics)
+                self._optimize(batch.sequences, loss_config_from_train_config(config), learning_rate)
+            self.world.checkpoint_writer(self._loaded, self._optimizer)
+        except BaseException:
+            self._optimizer.zero_grad(set_to_none=True)
+            raise
 
     def delete_checkpoints(
         self, model: ModelRef, keep_steps: list[int], *, latest: int | None = None,
@@ -237,14 +269,31 @@ class Trainer:
                 f"model {model.key} was registered with base model {registered!r}, not {model.base_model!r}"
             )
 
-    def _activate(self, model: ModelRef, step: int) -> None:
-        """Make the resident adapter and optimizer those of ``model`` at ``step``."""
-        if self._resident == (model.key, step):
+    def _prepare(self, groups: list[TrajectoryGroup], latest: int, config: TrainConfig) -> PreparedBatch:
+        tokenize = partial(
+            tokenize_trajectory,
+            tokenizer=self._loaded.tokenizer,
+            vocab_size=self._loaded.vocab_size,
+            max_length=self._loaded.max_positions,
+            allow_missing_logprobs=config.allow_training_without_logprobs,
+        )
+        return prepare_batch(groups, latest, config, tokenize)
+
+    def _read(self, model: ModelRef, step: int) -> TrainingState:
+        return self._loaded.read(checkpoints.checkpoint_dir(self.checkpoint_root, model.project, model.name, step))
+
+    def _activate(self, model: ModelRef, step: int, state: TrainingState | None) -> None:
+        """Make ``state`` (``model`` at ``step``) the resident adapter and optimizer; ``None``: it is already."""
+        if state is None:
             return
         self._resident = None
-        folder = checkpoints.checkpoint_dir(self.checkpoint_root, model.project, model.name, step)
-        self._loaded.load(folder, self._optimizer)
+        self._load(state, fresh_optimizer=state.fresh_optimizer)
         self._resident = (model.key, step)
+
+    def _load(self, state: TrainingState | None, *, fresh_optimizer: bool) -> None:
+        self._optimizer = self.world.load_state(
+            self._loaded, state, fresh_optimizer=fresh_optimizer, new_optimizer=self._new_optimizer
+        )
 
     def _save(self, model: ModelRef, step: int, *, job_id: str, metrics: dict[str, float], train_s: float,
               writer: Writer) -> Path:
@@ -256,14 +305,11 @@ class Trainer:
             "metrics": metrics,
             "train_s": train_s,
         }
+        write_files = self.world.checkpoint_writer(self._loaded, self._optimizer)
+        if write_files is None:
+            raise RuntimeError("only the leader rank writes checkpoints")
         return checkpoints.write_checkpoint(
-            self.checkpoint_root,
-            model.project,
-            model.name,
-            step,
-            lambda folder: self._loaded.save(folder, self._optimizer),
-            metadata,
-            writer,
+            self.checkpoint_root, model.project, model.name, step, write_files, metadata, writer
         )
 
     def _optimize(self, sequences: list[TrainSequence], loss_config: LossConfig, learning_rate: float) -> dict[str, float]:
@@ -278,19 +324,26 @@ class Trainer:
                      "num_microbatches")
             return dict.fromkeys(zeros, 0.0)
         pad_id = self._loaded.tokenizer.pad_token_id or 0
-        microbatches = build_microbatches(sequences, self.max_tokens_per_microbatch, mode=self.packing, pad_token_id=pad_id)
+        build = partial(build_microbatches, max_tokens=self.max_tokens_per_microbatch, mode=self.packing,
+                        pad_token_id=pad_id)
         model = self._loaded.model
         model.train()
         self._optimizer.zero_grad(set_to_none=True)
-        for batch in microbatches:
+        # A rank's loss is its share of the step's (normalised by the step's token count); the
+        # world's factor undoes what its gradient reduction divides by, 0 for a filler micro-batch.
+        for batch, loss_scale in self.world.schedule(sequences, build):
             outputs = compute_loss(self._loss_inputs(batch, loss_config, num_tokens, num_known), loss_config)
-            outputs.loss.backward()
-            for name, value in outputs.metrics.items():
-                totals[name] += value
-            for name, value in outputs.max_metrics.items():
-                maxima[name] = max(maxima[name], value)
+            (outputs.loss * loss_scale).backward()
+            if loss_scale:
+                totals["num_microbatches"] += 1
+                for name, value in outputs.metrics.items():
+                    totals[name] += value
+                for name, value in outputs.max_metrics.items():
+                    maxima[name] = max(maxima[name], value)
+        totals = self.world.sum({name: totals[name] for name in _SUMMED})
+        maxima = self.world.max(maxima)
         params = self._loaded.trainable_parameters()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM))
+        grad_norm = self.world.clip_grad_norm(params, MAX_GRAD_NORM)
         if not math.isfinite(grad_norm):
             raise FloatingPointError(f"gradient norm is {grad_norm}; the step was not applied")
         for group in self._optimizer.param_groups:
@@ -303,7 +356,7 @@ class Trainer:
             "grad_norm": grad_norm,
             "num_tokens": float(num_tokens),
             "num_sequence_tokens": float(sum(len(s.tokens) for s in sequences)),
-            "num_microbatches": float(len(microbatches)),
+            "num_microbatches": totals["num_microbatches"],
         }
 
     def _loss_inputs(self, batch: MicroBatch, loss_config: LossConfig, num_tokens: int, num_known: int) -> LossInputs:

@@ -28,10 +28,10 @@ def test_status_and_jobs_read_the_stack_from_redis(redis_url: str, capsys: pytes
     queue = keys.queue_name("cli-test/base")
     now = time.time()
     client.hset(keys.model_key("cliproj", "agent"), mapping={"base_model": "cli-test/base", "step": 7, "updated_at": now})
-    for host, pid in (("trainer-cli@test", 4242), ("standby-cli@test", 4343), ("gone-cli@test", 4444)):
+    for host, pid, ranks in (("trainer-cli@test", 4242, 1), ("standby-cli@test", 4343, 16), ("gone-cli@test", 4444, 1)):
         client.hset(keys.WORKERS_KEY, host, msgspec.msgpack.encode(
             {"base_model": "cli-test/base", "queue": queue, "pid": pid, "started_at": now - 30, "ready_at": now - 20,
-             "worker_id": f"{host}:{pid}", "heartbeat_s": 5.0}
+             "worker_id": f"{host}:{pid}", "heartbeat_s": 5.0, "ranks": ranks, "nodes": 2 if ranks > 1 else 1}
         ))
         client.hset(keys.WORKER_HEARTBEATS_KEY, host, now - (3600 if host.startswith("gone") else 1))
     client.set(keys.queue_leader_key(queue), "7 trainer-cli@test:4242")
@@ -49,6 +49,7 @@ def test_status_and_jobs_read_the_stack_from_redis(redis_url: str, capsys: pytes
         assert any(queue in line and "trainer-cli@test" in line and " 7 " in line for line in lines), out
         for host, role in (("trainer-cli@test", "leader"), ("standby-cli@test", "standby"), ("gone-cli@test", "dead")):
             assert any(line.startswith(host) and f" {role} " in line for line in lines), out
+        assert "in process" in out and "16 ranks on 2 nodes" in out
         assert "cliproj/agent" in out and " 7 " in out
         assert main(["jobs", "--redis-url", redis_url, "--queue", queue]) == 0
         out = capsys.readouterr().out
