@@ -9,7 +9,8 @@ signal:
     reward = 1.0 if found, else 0.5 * (1 - distance of the best guess / 100),
              minus 0.02 per turn used, and 0 for a turn with no number in it
 
-    python examples/guess_number.py --steps 10
+    python examples/guess_number.py --steps 10            # each round plays while the step before trains
+    python examples/guess_number.py --steps 10 --serial   # each round waits for the step before
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ import argparse
 import asyncio
 import random
 import re
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from producer import Choice, TrainableModel, Trajectory
+from producer import Choice, TrainableModel, Trajectory, TrajectoryGroup
 from producer.backend import Backend
 from producer.base_models import EMBEDDED_DEFAULT
 from producer.gather import gather_trajectory_groups
+from producer.pipeline import train_pipelined
 
 if TYPE_CHECKING:
     from openai import AsyncOpenAI
@@ -61,6 +64,7 @@ class Config:
     name: str = "player-001"
     base_model: str = EMBEDDED_DEFAULT
     seed: int = 0
+    serial: bool = False  # True: wait for each step before playing the next round
 
 
 def parse_guess(text: str | None) -> int | None:
@@ -120,28 +124,33 @@ async def main(backend: Backend, config: Config | None = None) -> None:
     rng = random.Random(config.seed)
     model = TrainableModel(config.name, config.project, base_model=config.base_model)
     await model.register(backend)
-    async with model.openai_client() as client:
-        for _ in range(config.steps):
-            await _step(backend, model, client, config, rng)
+    client = model.openai_client()
 
+    def sample() -> Awaitable[list[TrajectoryGroup]]:
+        """One step's games: a group of games per secret, the same secret within a group."""
+        secrets = [rng.randint(1, 100) for _ in range(config.groups_per_step)]
+        return gather_trajectory_groups(
+            ([play(client, model, secret, config) for _ in range(config.group_size)] for secret in secrets),
+            pbar_desc=f"play @{model.get_inference_name()}",
+            max_exceptions=0.1,
+        )
 
-async def _step(backend: Backend, model: TrainableModel, client: AsyncOpenAI, config: Config, rng: random.Random) -> None:
-    """One train step: play a group of games per secret, train on them, log them."""
-    secrets = [rng.randint(1, 100) for _ in range(config.groups_per_step)]
-    groups = await gather_trajectory_groups(
-        ([play(client, model, secret, config) for _ in range(config.group_size)] for secret in secrets),
-        pbar_desc=f"play @{model.get_inference_name()}",
-        max_exceptions=0.1,
-    )
-    result = await backend.train(model, groups, learning_rate=config.learning_rate)
-    logged = await model.log(groups, metrics=result.metrics, step=result.step, split="train")
-    print(f"step {result.step}: reward {logged['reward']:.3f}, found {logged.get('found', 0):.2f}", flush=True)
+    async for step in train_pipelined(backend, model, sample, steps=config.steps,
+                                      max_staleness=0 if config.serial else 1, learning_rate=config.learning_rate):
+        result = step.result
+        logged = await model.log(step.groups, metrics=result.metrics, step=result.step, split="train")
+        print(f"step {result.step} (sampled at {step.sampled_step}): reward {logged['reward']:.3f}, "
+              f"found {logged.get('found', 0):.2f}", flush=True)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for field, value in vars(Config()).items():
-        parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
+        flag = f"--{field.replace('_', '-')}"
+        if isinstance(value, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
+        else:
+            parser.add_argument(flag, type=type(value), default=value)
     config = Config(**vars(parser.parse_args()))
 
     async def run() -> None:

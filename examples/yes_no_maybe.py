@@ -7,6 +7,10 @@ model learns it in a few steps: the smallest complete RL loop on trainq.
 
     python examples/yes_no_maybe.py                 # the embedded default, local stack
     python examples/yes_no_maybe.py --steps 5 --base-model /path/to/model
+    python examples/yes_no_maybe.py --serial        # wait for each step before sampling the next
+
+Each step's rollouts are sampled while the step before it trains
+(``producer.pipeline.train_pipelined``, groups at most one step old).
 
 Run it through ``trainq demo`` for a table of reward by step at the end.
 """
@@ -18,13 +22,15 @@ import asyncio
 import itertools
 import random
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from producer import Choice, TrainableModel, Trajectory
+from producer import Choice, TrainableModel, Trajectory, TrajectoryGroup
 from producer.backend import Backend
 from producer.base_models import EMBEDDED_DEFAULT
 from producer.gather import gather_trajectory_groups
+from producer.pipeline import train_pipelined
 
 if TYPE_CHECKING:
     from openai import AsyncOpenAI
@@ -96,6 +102,8 @@ class Config:
     name: str = "agent-001"
     base_model: str = EMBEDDED_DEFAULT
     seed: int = 0
+    # Sample step n+1 while step n trains (groups at most one step old); --serial waits for each step.
+    serial: bool = False
 
 
 @dataclass
@@ -121,10 +129,9 @@ async def main(backend: Backend, config: Config | None = None) -> list[StepRecor
 async def _loop(
     backend: Backend, model: TrainableModel, client: AsyncOpenAI, config: Config, rng: random.Random, prompts: list[str]
 ) -> list[StepRecord]:
-    records: list[StepRecord] = []
-    for _ in range(config.steps):
-        started = time.monotonic()
-        groups = await gather_trajectory_groups(
+    def sample() -> Awaitable[list[TrajectoryGroup]]:
+        """One step's rollouts: ``groups_per_step`` prompts, ``group_size`` answers each."""
+        return gather_trajectory_groups(
             (
                 [
                     rollout(client, model, prompt, max_tokens=config.max_tokens, temperature=config.temperature)
@@ -134,27 +141,32 @@ async def _loop(
             ),
             pbar_desc=f"sample @{model.get_inference_name()}",
         )
-        sampled_at = await model.get_step()
-        sample_s = time.monotonic() - started
-        result = await backend.train(model, groups, learning_rate=config.learning_rate)
-        logged = await model.log(groups, metrics=result.metrics, step=result.step, split="train")
+
+    records: list[StepRecord] = []
+    started = time.monotonic()
+    async for step in train_pipelined(backend, model, sample, steps=config.steps,
+                                      max_staleness=0 if config.serial else 1, learning_rate=config.learning_rate):
+        result = step.result
+        logged = await model.log(step.groups, metrics=result.metrics, step=result.step, split="train")
+        now = time.monotonic()
         records.append(
             StepRecord(
-                # The reward was earned by the adapter that sampled: step `sampled_at`, trained into `result.step`.
-                step=sampled_at,
+                # The reward was earned by the adapter that sampled: step `sampled_step`, trained into `result.step`.
+                step=step.sampled_step,
                 reward=logged["reward"],
                 loss=result.metrics.get("loss"),
-                seconds=time.monotonic() - started,
+                seconds=now - started,
                 extra={
-                    "sample_s": sample_s,
+                    "sample_s": step.sample_s,
                     "train_s": getattr(result, "train_s", 0.0),
                     "num_groups_trainable": result.metrics.get("num_groups_trainable", 0.0),
                 },
             )
         )
+        started = now
         print(
-            f"step {sampled_at:>2}: reward {logged['reward']:.3f}  loss {result.metrics.get('loss', float('nan')):+.4f}"
-            f"  ({records[-1].seconds:.1f} s)",
+            f"step {step.sampled_step:>2}: reward {logged['reward']:.3f}  "
+            f"loss {result.metrics.get('loss', float('nan')):+.4f}  ({records[-1].seconds:.1f} s)",
             flush=True,
         )
     return records
@@ -164,7 +176,11 @@ def parse_args(argv: list[str] | None = None) -> Config:
     defaults = Config()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, value in vars(defaults).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+        flag = f"--{name.replace('_', '-')}"
+        if isinstance(value, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
+        else:
+            parser.add_argument(flag, type=type(value), default=value)
     return Config(**vars(parser.parse_args(argv)))
 
 

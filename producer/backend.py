@@ -115,6 +115,10 @@ class Backend(abc.ABC):
         """Run one train step and wait for it: the new step, its metrics and checkpoint."""
 
     @abc.abstractmethod
+    async def collect(self, model: TrainableModel, job: TrainJob, *, timeout: float | None = None) -> TrainResult:
+        """Wait for ``model``'s train ``job`` (from ``submit_train``); afterwards its step is the model's latest."""
+
+    @abc.abstractmethod
     async def get_step(self, model: TrainableModel) -> int:
         """The latest committed step of ``model``."""
 

@@ -35,7 +35,7 @@ DEFAULT_PATH = ".trainq"
 
 def cmd_demo(args: argparse.Namespace) -> int:
     example = _load_example("yes_no_maybe")
-    config = example.Config(steps=args.steps)
+    config = example.Config(steps=args.steps, serial=args.serial)
     if args.learning_rate is not None:
         config.learning_rate = args.learning_rate
     if args.base_model:
@@ -359,6 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--learning-rate", type=float, default=None, help="LoRA learning rate (default: the example's, 1e-3)")
     demo.add_argument("--base-model", default=None, help="another base model (default: the embedded SmolLM2-135M)")
     demo.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="trainer device (default cpu)")
+    demo.add_argument("--serial", action="store_true",
+                      help="wait for each step before sampling the next (default: sample while the step before trains)")
 
     up = add("up", "run the local stack (Redis, trainer, inference) in the foreground until Ctrl-C", cmd_up)
     path_arg(up)

@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING, Any
 from producer.types import TrainResult, TrajectoryGroup
 
 if TYPE_CHECKING:
+    from producer.backend import Backend
     from producer.jobs import TrainJob
     from producer.model import TrainableModel
-    from producer.queue_backend import QueueBackend
 
 __all__ = ["PipelinedStep", "train_pipelined"]
 
@@ -48,7 +48,7 @@ class PipelinedStep:
 
 
 async def train_pipelined(
-    backend: QueueBackend,
+    backend: Backend,
     model: TrainableModel,
     sample: Sampler,
     *,
@@ -94,7 +94,7 @@ async def train_pipelined(
 
 
 async def _finish(
-    backend: QueueBackend,
+    backend: Backend,
     model: TrainableModel,
     submitted: tuple[TrainJob, list[TrajectoryGroup], int, float],
     timeout: float | None,
