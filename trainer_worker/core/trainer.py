@@ -178,6 +178,7 @@ class Trainer:
             return made.outcome()
         validate_groups(groups, allow_missing_logprobs=config.allow_training_without_logprobs)
         batch = self._prepare(groups, latest, config)
+        prepared = time.perf_counter()
 
         step = latest + 1
         learning_rate = effective_learning_rate(config, batch.metrics)
@@ -187,9 +188,11 @@ class Trainer:
             self.world.begin(Phase(latest=latest, load=state is not None,
                                    fresh_optimizer=state is not None and state.fresh_optimizer))
             self._activate(model, latest, state)
+            loaded = time.perf_counter()
             step_metrics = self._optimize(batch.sequences, loss_config_from_train_config(config), learning_rate)
             metrics = _finite({**batch.metrics, **step_metrics, "learning_rate": learning_rate,
-                               "num_ranks": float(self.world.size)})
+                               "num_ranks": float(self.world.size), "time_prepare_s": prepared - started,
+                               "time_load_s": loaded - prepared})
             train_s = time.perf_counter() - started
             metrics["train_s"] = train_s
             saving = time.perf_counter()
@@ -321,7 +324,7 @@ class Trainer:
         if num_tokens == 0:
             # Nothing to learn from: no optimizer step at all, so weights and AdamW moments stay as they are.
             zeros = (*_LOSS_METRICS, *_MAX_METRICS, "grad_norm", "num_tokens", "num_sequence_tokens",
-                     "num_microbatches")
+                     "num_microbatches", "time_forward_backward_s", "time_optimizer_s")
             return dict.fromkeys(zeros, 0.0)
         pad_id = self._loaded.tokenizer.pad_token_id or 0
         build = partial(build_microbatches, max_tokens=self.max_tokens_per_microbatch, mode=self.packing,
@@ -329,6 +332,7 @@ class Trainer:
         model = self._loaded.model
         model.train()
         self._optimizer.zero_grad(set_to_none=True)
+        started = time.perf_counter()
         # A rank's loss is its share of the step's (normalised by the step's token count); the
         # world's factor undoes what its gradient reduction divides by, 0 for a filler micro-batch.
         for batch, loss_scale in self.world.schedule(sequences, build):
@@ -342,6 +346,7 @@ class Trainer:
                     maxima[name] = max(maxima[name], value)
         totals = self.world.sum({name: totals[name] for name in _SUMMED})
         maxima = self.world.max(maxima)
+        backward_done = time.perf_counter()
         params = self._loaded.trainable_parameters()
         grad_norm = self.world.clip_grad_norm(params, MAX_GRAD_NORM)
         if not math.isfinite(grad_norm):
@@ -353,6 +358,8 @@ class Trainer:
         return {
             **{name: totals[name] for name in _LOSS_METRICS},
             **maxima,
+            "time_forward_backward_s": backward_done - started,
+            "time_optimizer_s": time.perf_counter() - backward_done,
             "grad_norm": grad_norm,
             "num_tokens": float(num_tokens),
             "num_sequence_tokens": float(sum(len(s.tokens) for s in sequences)),
