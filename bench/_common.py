@@ -39,12 +39,37 @@ def load_average() -> str:
 
 
 def machine_line() -> str:
-    """Date, CPU count, load average and Python: the context every figure needs on a shared box."""
+    """Date, commit, CPU, load average and Python: the context every figure needs on a shared box."""
     now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     return (
-        f"{now}  {platform.machine()} {os.cpu_count()} CPUs  load average {load_average()}  "
-        f"python {sys.version.split()[0]}"
+        f"{now}  commit {commit()}  {platform.machine()} {cpu_model()} x{os.cpu_count()}  "
+        f"load average {load_average()}  python {sys.version.split()[0]}"
     )
+
+
+def commit() -> str:
+    """The checkout's commit (``+`` when it has uncommitted changes), or ``unknown``."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+" if dirty else "")
+
+
+def cpu_model() -> str:
+    """The CPU's model name, from /proc/cpuinfo (Linux), else the platform's processor string."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:

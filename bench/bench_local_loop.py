@@ -1,32 +1,36 @@
-"""The yes/no/maybe loop in one process, no services: the floor for ``trainq demo``'s step time.
+"""The yes/no/maybe loop in one process and through the services, with where each step's seconds go.
 
-Sampling is ``transformers`` ``generate`` on the trainer's own model (the
-LoRA adapter as trained so far), training is ``trainer_worker.core.trainer.Trainer``
-called directly: no Redis, no Celery, no vLLM, no checkpoint reload by a second
-process. The demo's step should stay within 1.5x of this.
+In process: sampling is ``transformers`` ``generate`` on the trainer's own model
+(the LoRA adapter as trained so far), training is
+``trainer_worker.core.trainer.Trainer`` called directly: no Redis, no Celery, no
+vLLM, no checkpoint reload by a second process. Through the stack (``--with-stack``):
+the same loop through ``LocalBackend`` (Redis, the Celery trainer worker and
+vLLM, as ``trainq demo`` runs it), serial, then pipelined (step n+1 sampled while
+step n trains, ``producer.pipeline``).
 
     python bench/bench_local_loop.py [--steps 5] [--base-model trainq/smollm2-135m-instruct]
-    python bench/bench_local_loop.py --with-stack   # then the demo's path, and the ratio of the two
+    python bench/bench_local_loop.py --with-stack   # then the stack's loops, and the ratios
 
-Prints a table of seconds per step (sample, train, total) and the reward, then exits 0.
-With ``--with-stack`` the same loop then runs through ``LocalBackend`` (Redis,
-the Celery trainer worker and vLLM, as ``trainq demo`` does) in the same run,
-and the ratio of seconds per step is printed, by phase, over the steps that
-trained every group in each loop (after the first): once the reward
-saturates, steps train less, and would favour whichever loop learned faster.
+Prints, for each loop, seconds per step by phase: the train call's own parts
+(the trainer's prepare, load, forward and backward, optimizer, checkpoint save;
+through the stack also submit, queue and worker, served, log), then the ratios
+of the stack to in process over the steps that trained every group in both
+(after the first): once the reward saturates, steps train less, and would
+favour whichever loop learned faster. Exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import random
 import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import _common  # noqa: F401 - puts the repository root on sys.path, for tests.support
+from _common import machine_line, print_table, verdict
 
 from tests.support.examples import load_example
 from trainer_worker.settings import CPU_MICROBATCH_TOKENS
@@ -99,15 +103,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens-per-microbatch", type=int, default=CPU_MICROBATCH_TOKENS,
                         help="as the trainer worker uses on CPU")
     parser.add_argument("--with-stack", action="store_true",
-                        help="then run the same loop through LocalBackend, as trainq demo does, and print the ratio")
+                        help="then run the loop through LocalBackend, serial and pipelined, and print the ratios")
     args = parser.parse_args(argv)
+    print(machine_line())
     in_process = run_in_process(example, args)
     print_steps("in process (generate + the training core)", in_process)
     if args.with_stack:
-        through_stack = run_through_stack(example, args)
-        print_steps("through LocalBackend (Redis, Celery trainer worker, vLLM)", through_stack)
-        compare(in_process, through_stack, args.groups_per_step)
+        serial, pipelined = asyncio.run(run_through_stack(example, args))
+        print_steps("through LocalBackend, serial (Redis, Celery trainer worker, vLLM)", serial)
+        print_steps("through LocalBackend, pipelined (step n+1 sampled while step n trains)", pipelined)
+        compare(in_process, serial, pipelined, args.groups_per_step)
     return 0
+
+
+# The train call's phases, in the order they happen.
+TRAINER_PHASES = ("time_prepare_s", "time_load_s", "time_forward_backward_s", "time_optimizer_s",
+                  "checkpoint_save_s")
+STACK_PHASES = ("submit_s", "queue_s", "worker_s", "served_s", "log_s")
 
 
 @dataclass(frozen=True)
@@ -116,8 +128,11 @@ class StepTime:
     reward: float
     sample_s: float
     train_s: float
-    """The train call: in process ``Trainer.train``; through the stack submit to served, plus ``model.log``."""
+    """The train call: in process ``Trainer.train``; through the stack submit to served, plus ``model.log``;
+    pipelined, the seconds between two steps less the sampling that did not overlap (see ``run_pipelined``)."""
     trainable_groups: int
+    phases: dict[str, float] = field(default_factory=dict)
+    """Seconds by phase (``TRAINER_PHASES``, and through the stack ``STACK_PHASES``)."""
 
     @property
     def total_s(self) -> float:
@@ -126,9 +141,11 @@ class StepTime:
 
 def print_steps(title: str, steps: list[StepTime]) -> None:
     print(f"\n{title}")
-    print(f"{'step':>4}  {'reward':>6}  {'trained groups':>14}  {'sample s':>8}  {'train s':>7}  {'total s':>7}")
-    for s in steps:
-        print(f"{s.step:>4}  {s.reward:>6.3f}  {s.trainable_groups:>14}  {s.sample_s:>8.1f}  {s.train_s:>7.1f}  {s.total_s:>7.1f}")
+    names = [n for n in (*STACK_PHASES, *TRAINER_PHASES) if any(n in s.phases for s in steps)]
+    header = ["step", "reward", "groups", "sample s", "train s", "total s", *[n.removesuffix("_s") for n in names]]
+    rows = [[s.step, f"{s.reward:.3f}", s.trainable_groups, f"{s.sample_s:.2f}", f"{s.train_s:.2f}",
+             f"{s.total_s:.2f}", *[f"{s.phases.get(n, 0.0):.2f}" for n in names]] for s in steps]
+    print_table(header, rows)
 
 
 def like_for_like(steps: list[StepTime], groups_per_step: int) -> list[StepTime]:
@@ -142,22 +159,33 @@ def like_for_like(steps: list[StepTime], groups_per_step: int) -> list[StepTime]
     return [s for s in later if s.trainable_groups == groups_per_step] or later
 
 
-def compare(in_process: list[StepTime], through_stack: list[StepTime], groups_per_step: int) -> None:
-    a, b = like_for_like(in_process, groups_per_step), like_for_like(through_stack, groups_per_step)
+def compare(in_process: list[StepTime], serial: list[StepTime], pipelined: list[StepTime], groups_per_step: int) -> None:
+    a, b = like_for_like(in_process, groups_per_step), like_for_like(serial, groups_per_step)
+    p = pipelined[1:] or pipelined
 
     def mean(steps: list[StepTime], phase: str) -> float:
-        return sum(getattr(s, phase) for s in steps) / len(steps)
+        values = [s.phases.get(phase, 0.0) if phase in s.phases else getattr(s, phase, 0.0) for s in steps]
+        return sum(values) / len(values)
 
     print(f"\nmean seconds per step over steps {[s.step for s in a]} in process and {[s.step for s in b]} "
           f"through the stack (after the first, every group trained):")
     if any(s.trainable_groups != groups_per_step for s in a + b):
         print("  (a loop had no such step: comparing all steps after the first, which did different work; "
               "rerun with a lower --learning-rate or more --steps)")
-    print(f"{'phase':>8}  {'in process':>10}  {'stack':>7}  {'ratio':>6}")
-    for phase in ("sample_s", "train_s", "total_s"):
-        print(f"{phase[:-2]:>8}  {mean(a, phase):>10.1f}  {mean(b, phase):>7.1f}  {mean(b, phase) / mean(a, phase):>5.2f}x")
-    ratio = mean(b, "total_s") / mean(a, "total_s")
-    print(f"ratio {ratio:.2f}x (target <= 1.5x) -> {'met' if ratio <= 1.5 else 'MISSED'}")
+    rows = [[phase.removesuffix("_s"), f"{mean(a, phase):.2f}", f"{mean(b, phase):.2f}",
+             f"{mean(b, phase) / mean(a, phase):.2f}x" if mean(a, phase) else "-"]
+            for phase in ("sample_s", "train_s", "total_s", *TRAINER_PHASES)]
+    rows += [[phase.removesuffix("_s"), "-", f"{mean(b, phase):.2f}", "-"] for phase in STACK_PHASES]
+    print_table(["phase", "in process", "stack", "ratio"], rows)
+    train_ratio = mean(b, "train_s") / mean(a, "train_s")
+    step_ratio = mean(b, "total_s") / mean(a, "total_s")
+    print(f"train call through the stack / in process: {train_ratio:.2f}x (target <= 1.10) -> "
+          f"{verdict(train_ratio <= 1.10)}")
+    print(f"whole step, serial through the stack / in process: {step_ratio:.2f}x (target <= 1.00) -> "
+          f"{verdict(step_ratio <= 1.00)}")
+    serial_s, pipelined_s = mean(serial[1:] or serial, "total_s"), mean(p, "total_s")
+    print(f"seconds per step through the stack after the first: serial {serial_s:.2f}, pipelined {pipelined_s:.2f} "
+          f"({serial_s / pipelined_s:.2f}x the steps per second)")
 
 
 def run_in_process(example, args: argparse.Namespace) -> list[StepTime]:  # noqa: ANN001
@@ -192,37 +220,97 @@ def run_in_process(example, args: argparse.Namespace) -> list[StepTime]:  # noqa
             t2 = time.perf_counter()
             rewards = [t.reward for g in groups for t in g.trajectories]
             trainable = int(outcome.metrics.get("num_groups_trainable", 0))
-            rows.append(StepTime(step, sum(rewards) / len(rewards), t1 - t0, t2 - t1, trainable))
+            rows.append(StepTime(step, sum(rewards) / len(rewards), t1 - t0, t2 - t1, trainable,
+                                 _trainer_phases(outcome.metrics)))
             print(f"step {step}: reward {rows[-1].reward:.3f} sample {t1 - t0:.1f} s train {t2 - t1:.1f} s", flush=True)
     print(f"in-process loop: {torch.get_num_threads()} torch threads, setup {setup_s:.1f} s, "
           f"{args.groups_per_step}x{args.group_size} rollouts of <= {args.max_tokens} tokens per step")
     return rows
 
 
-def run_through_stack(example, args: argparse.Namespace) -> list[StepTime]:  # noqa: ANN001
-    """The demo's loop through a fresh LocalBackend (the stack's start is not counted)."""
-    import asyncio
+def _trainer_phases(metrics: dict[str, float]) -> dict[str, float]:
+    return {name: metrics[name] for name in TRAINER_PHASES if name in metrics}
 
+
+async def run_through_stack(example, args: argparse.Namespace) -> tuple[list[StepTime], list[StepTime]]:  # noqa: ANN001
+    """The demo's loop through one fresh LocalBackend (its start not counted): serial, then pipelined,
+    each on a model of its own."""
+    from producer import TrainableModel
     from producer.local_backend import LocalBackend
 
-    config = example.Config(
-        steps=args.steps, groups_per_step=args.groups_per_step, group_size=args.group_size,
-        learning_rate=args.learning_rate, max_tokens=args.max_tokens, temperature=args.temperature,
-        base_model=args.base_model, seed=args.seed,
-    )
+    backend = LocalBackend(tempfile.mkdtemp(prefix="trainq-bench-"), base_model=args.base_model)
+    try:
+        await backend.start()
+        serial = await run_serial(example, args, backend, TrainableModel("serial", "bench", base_model=args.base_model))
+        pipelined = await run_pipelined(example, args, backend,
+                                        TrainableModel("pipelined", "bench", base_model=args.base_model))
+    finally:
+        await backend.close()
+    return serial, pipelined
 
-    async def run() -> list:
-        backend = LocalBackend(tempfile.mkdtemp(prefix="trainq-bench-"))
-        try:
-            return await example.main(backend, config)
-        finally:
-            await backend.close()
 
-    records = asyncio.run(run())
-    return [
-        StepTime(r.step, r.reward, r.extra["sample_s"], r.seconds - r.extra["sample_s"], int(r.extra["num_groups_trainable"]))
-        for r in records
-    ]
+def _sampler(example, args: argparse.Namespace, model, client):  # noqa: ANN001, ANN202
+    from producer.gather import gather_trajectory_groups
+
+    rng = random.Random(args.seed)
+    prompts = example.build_prompts()
+
+    def sample():  # noqa: ANN202
+        return gather_trajectory_groups(
+            ([example.rollout(client, model, p, max_tokens=args.max_tokens, temperature=args.temperature)
+              for _ in range(args.group_size)] for p in rng.sample(prompts, args.groups_per_step)),
+            pbar_desc=None,
+        )
+
+    return sample
+
+
+async def run_serial(example, args: argparse.Namespace, backend, model) -> list[StepTime]:  # noqa: ANN001
+    """Sample, then train through the queue and wait until served, then log: each part timed."""
+    await model.register(backend)
+    sample = _sampler(example, args, model, model.openai_client())
+    rows = []
+    for step in range(args.steps):
+        t0 = time.perf_counter()
+        groups = await sample()
+        t1 = time.perf_counter()
+        job = await backend.submit_train(model, groups, learning_rate=args.learning_rate)
+        t2 = time.perf_counter()
+        result = await job.result()
+        t3 = time.perf_counter()
+        model._set_step(result.step)
+        await backend.wait_served(model, result.step)
+        t4 = time.perf_counter()
+        logged = await model.log(groups, metrics=result.metrics, step=result.step, split="train")
+        t5 = time.perf_counter()
+        record = await job.record()
+        worker_s = (record.finished_at or 0.0) - (record.started_at or 0.0)
+        phases = {"submit_s": t2 - t1, "queue_s": t3 - t2 - worker_s, "worker_s": worker_s, "served_s": t4 - t3,
+                  "log_s": t5 - t4, **_trainer_phases(result.metrics)}
+        rows.append(StepTime(step, logged["reward"], t1 - t0, t5 - t1,
+                             int(result.metrics.get("num_groups_trainable", 0)), phases))
+        print(f"serial step {step}: reward {logged['reward']:.3f} sample {t1 - t0:.1f} s train {t5 - t1:.1f} s",
+              flush=True)
+    return rows
+
+
+async def run_pipelined(example, args: argparse.Namespace, backend, model) -> list[StepTime]:  # noqa: ANN001
+    """``train_pipelined`` with the default bound: a step's seconds are those between two results."""
+    from producer.pipeline import train_pipelined
+
+    await model.register(backend)
+    sample = _sampler(example, args, model, model.openai_client())
+    rows = []
+    last = time.perf_counter()
+    async for step in train_pipelined(backend, model, sample, steps=args.steps, learning_rate=args.learning_rate):
+        logged = await model.log(step.groups, metrics=step.result.metrics, step=step.result.step, split="train")
+        now = time.perf_counter()
+        # The step's own sampling overlapped the step before it; what is left between results is the rest.
+        rows.append(StepTime(step.result.step - 1, logged["reward"], step.sample_s, now - last - step.sample_s,
+                             int(step.result.metrics.get("num_groups_trainable", 0)),
+                             _trainer_phases(step.result.metrics)))
+        last = now
+    return rows
 
 
 if __name__ == "__main__":
