@@ -60,7 +60,7 @@ def test_raw_json_dicts_work_too():
 
 
 def test_missing_logprobs_say_how_to_request_them():
-    with pytest.raises(ValueError, match=r"logprobs=True and extra_body=\{'return_tokens_as_token_ids': True\}"):
+    with pytest.raises(ValueError, match=r"logprobs=True and extra_body=\{'return_tokens_as_token_ids': True, 'return_token_ids': True\}"):
         Choice.from_openai(completion(with_logprobs=False))
 
 

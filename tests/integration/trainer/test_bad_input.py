@@ -27,7 +27,7 @@ async def _next_good_job_succeeds(backend: QueueBackend, model: TrainableModel, 
 async def test_non_finite_reward_is_refused_before_queueing(backend: QueueBackend, model: TrainableModel,
                                                              reward: float) -> None:
     groups = [make_group(rewards=[0.0, reward])]
-    with pytest.raises(ValueError, match=r"groups\[0\]\.trajectories\[1\]\.reward: must be finite"):
+    with pytest.raises(ValueError, match=r"groups\[0\]\.trajectories\[1\]\.reward: must be a finite number, got "):
         await backend.train(model, groups)
 
 

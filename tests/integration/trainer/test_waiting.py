@@ -65,6 +65,8 @@ def _clients_of_this_process(redis_url: str) -> int:
 async def test_1000_handles_waiting_at_once_share_a_few_redis_connections_and_all_get_their_results(
     redis_url: str, backend: QueueBackend, model: TrainableModel, worker: WorkerProcess
 ) -> None:
+    # Other tests' clients may still be open in this process: count what the waiting adds to them.
+    before = _clients_of_this_process(redis_url)
     paused = [worker.proc.pid, worker.child_pid]
     for pid in paused:  # the worker holds still, so every handle is still waiting when counted
         os.kill(pid, signal.SIGSTOP)
@@ -73,13 +75,13 @@ async def test_1000_handles_waiting_at_once_share_a_few_redis_connections_and_al
         waits = [asyncio.create_task(job.result(timeout=300)) for job in jobs]
         await asyncio.sleep(2.0)
         assert not any(wait.done() for wait in waits)
-        clients = _clients_of_this_process(redis_url)
+        added = _clients_of_this_process(redis_url) - before
     finally:
         for pid in paused:
             os.kill(pid, signal.SIGCONT)
     started = time.monotonic()
     results = await asyncio.gather(*waits)
-    print(f"\n{HANDLES} handles waiting: {clients} Redis connections in this process; "
+    print(f"\n{HANDLES} handles waiting: {added} Redis connections more in this process ({before} before); "
           f"all results in {time.monotonic() - started:.1f}s")
-    assert clients < 10
+    assert added < 5
     assert {r.step for r in results} == {0} and len({r.job_id for r in results}) == HANDLES
