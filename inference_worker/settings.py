@@ -57,6 +57,12 @@ class InferenceSettings(ServiceSettings):
         description="Folder where vLLM's CPU build gets trainq's LoRA kernel and op built, once per source, CPU and "
         "torch; ~/.cache/trainq/kernels by default.",
     )
+    float32_logits: bool = Field(
+        True,
+        description="Compute the logits in float32 (vLLM's head_dtype), whatever the model's dtype: bfloat16 logits "
+        "round each logit to 1/128 of its size, which makes the sampler's logprobs differ from the trainer's "
+        "(the training-inference mismatch); --no-float32-logits keeps the model's dtype.",
+    )
     tool_call_parser: str = Field(
         "hermes",
         description="vLLM's parser of the tool calls in a model's answer to a request with tools= "

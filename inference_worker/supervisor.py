@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -56,6 +57,8 @@ def vllm_command(settings: InferenceSettings, model_path: str, *, lora: bool = T
         "--generation-config", "vllm",
         "--middleware", request_defaults.MIDDLEWARE,
     ]
+    if settings.float32_logits:
+        cmd += ["--hf-overrides", json.dumps({"head_dtype": "float32"})]
     if settings.tool_call_parser:
         cmd += ["--enable-auto-tool-choice", "--tool-call-parser", settings.tool_call_parser]
     if lora:
