@@ -61,8 +61,8 @@ from tests.support.services import run_redis, start_trainer_worker  # noqa: E402
 
 GROUP_SIZE = 8
 TOKENS_PER_TRAJECTORY = 1000  # under the tiny model's 2,048 positions, with the prompt
-# One ~1,100-token sequence per micro-batch, as in the figures of sessions 1-3 (whose
-# masked attention made longer packed rows slower); worker and in-process trainer use the same.
+# One ~1,100-token sequence per micro-batch, so that a step's time is linear in its tokens (the 10 MB
+# step is the 1 MB one scaled); worker and in-process trainer use the same.
 BUDGET = 2048
 TARGET_1MB_MS = 25.0
 TARGET_10MB_FRACTION = 0.02
@@ -71,7 +71,7 @@ Encode = Callable[..., bytes]
 
 
 def encode_float64(groups: list[TrajectoryGroup], *, allow_missing_logprobs: bool = False) -> bytes:
-    """The wire before session 3, which workers still read: validate, then msgpack doubles."""
+    """The float64 wire, which workers still read: validate, then logprobs as msgpack doubles."""
     validate_groups(groups, allow_missing_logprobs=allow_missing_logprobs)
     return msgspec.msgpack.encode(groups)
 

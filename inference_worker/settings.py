@@ -39,18 +39,19 @@ class InferenceSettings(ServiceSettings):
     fused_lora: bool = Field(
         True,
         description="With --grouped-lora, apply each LoRA layer's slices (q/k/v, gate/up) as one shrink and one "
-        "expand instead of vLLM-CPU's two calls per slice; --no-fused-lora is the before of bench_rollout.py's A/B.",
+        "expand instead of vLLM-CPU's two calls per slice; bench_rollout.py --kernels grouped fused compares the two.",
     )
     lora_kernel: bool = Field(
         True,
         description="With --fused-lora, apply each LoRA layer in one call of a C kernel built for this CPU on first "
         "use (inference_worker/vllm_cpu_lora/lora_rows.c; without a C compiler torch's ops serve) instead of torch's ops; "
-        "--no-lora-kernel is the before of bench_rollout.py's A/B.",
+        "bench_rollout.py --kernels fused-torch fused compares the two.",
     )
     compile_lora: bool = Field(
         False,
         description="On vLLM's CPU build, compile the model with LoRA on (LoRA layers as one opaque op, "
-        "inference_worker/vllm_cpu_lora/compilation.py): ~1.2x the rollout tokens/s for ~55 s more at each vLLM start.",
+        "inference_worker/vllm_cpu_lora/compilation.py): faster decoding through adapters for a longer vLLM start "
+        "(figures in bench/README.md).",
     )
     kernel_cache: str | None = Field(
         None, min_length=1,
