@@ -27,7 +27,9 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from trainer_worker.__main__ import set_openmp_wait  # noqa: E402
+
+set_openmp_wait("spin")  # as `python -m trainer_worker` does by default, before torch loads
 
 from _common import machine_line, median, percentile, print_table, verdict  # noqa: E402
 

@@ -48,7 +48,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the trainer worker sets it, before torch loads
+from trainer_worker.__main__ import set_openmp_wait  # noqa: E402
+
+set_openmp_wait("spin")  # as `python -m trainer_worker` does by default, before torch loads
 
 import msgspec  # noqa: E402
 from _common import machine_line, median, percentile, print_table, verdict  # noqa: E402

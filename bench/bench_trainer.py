@@ -24,10 +24,10 @@ Llama built from Qwen2.5-0.5B's shapes with random weights, trained at 16k
 tokens per micro-batch, next to prime-rl's published 13,342 tokens/s (10.9%
 MFU) for Qwen3-0.6B LoRA at 16k on one H100.
 
-The OpenMP wait policy is set before torch loads, as ``python -m
-trainer_worker`` sets it (PASSIVE unless the environment says otherwise);
-``--compare-wait-policy`` also times one tiny-model step under each policy
-in fresh processes, interleaved.
+OpenMP threads wait as ``python -m trainer_worker`` has them wait by default
+(a short spin) unless the environment says otherwise; ``--compare-wait-policy``
+also times one tiny-model step under each wait in fresh processes,
+interleaved, alone and beside a process that keeps every core busy.
 
     python bench/bench_trainer.py --quick                 # tiny + a short SmolLM2 step (< 1 min)
     python bench/bench_trainer.py                         # tiny + SmolLM2, packed vs padded, wait policies
@@ -48,7 +48,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads; see trainer_worker/__main__.py
+from trainer_worker.__main__ import set_openmp_wait  # noqa: E402
+
+set_openmp_wait("spin")  # as `python -m trainer_worker` does by default, before torch loads
 
 from _common import machine_line, median, percentile, print_table  # noqa: E402
 
@@ -288,26 +290,52 @@ def budget_sweep(budgets: tuple[int, ...], attentions: list[str]) -> list[list[s
     return rows
 
 
+def openmp_wait() -> str:
+    """How this process's OpenMP threads wait, as its environment says."""
+    return " ".join(f"{k}={os.environ[k]}" for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ) or "default"
+
+
+# What shares the CPUs with a CPU trainer in the local stack: vLLM decoding, torch matmuls on every core.
+_BUSY_NEIGHBOUR = (
+    "import os, torch; torch.set_num_threads(os.cpu_count()); a = torch.randn(512, 512)\n"
+    "while True: a = torch.tanh(a @ a)"
+)
+WAIT_POLICIES = {  # label -> the environment a training process starts with
+    "unset (libgomp default)": {},
+    "ACTIVE": {"OMP_WAIT_POLICY": "ACTIVE"},
+    "PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "short spin (GOMP_SPINCOUNT=10000)": {"GOMP_SPINCOUNT": "10000"},
+}
+
+
 def compare_wait_policy(rounds: int) -> list[list[str]]:
-    """One tiny-model train step per fresh process, under each OpenMP wait policy, interleaved."""
+    """One tiny-model train step per fresh process, under each OpenMP wait policy, interleaved: alone, then
+    beside a process that keeps every core busy (vLLM sampling while a step trains, in the pipelined loop)."""
     code = (
         "import sys, time; sys.argv=['x']; import bench_trainer as b; from pathlib import Path; import tempfile; "
         "w=b.Workload('tiny',4,4,16,480,2048,2); "
         "d=tempfile.mkdtemp(); r=b.run_mode(b.model_path('tiny', Path(d)), 'packed', w, 'cpu'); print(r['step_s'])"
     )
-    times: dict[str, list[float]] = {"unset (default)": [], "ACTIVE": [], "PASSIVE": []}
-    for _ in range(rounds):
-        for policy in times:
-            env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-            if not policy.startswith("unset"):
-                env["OMP_WAIT_POLICY"] = policy
-            done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=env,
-                                  capture_output=True, text=True, check=False)
-            lines = done.stdout.strip().splitlines()
-            if done.returncode == 0 and lines:
-                times[policy].append(float(lines[-1]))
-    return [[p, str(len(t)), f"{median(t):.3f}" if t else "-", f"{percentile(t, 99):.3f}" if t else "-"]
-            for p, t in times.items()]
+    base_env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    rows = []
+    for beside in ("nothing", "a busy process"):
+        neighbour = subprocess.Popen([sys.executable, "-c", _BUSY_NEIGHBOUR]) if beside != "nothing" else None
+        try:
+            times: dict[str, list[float]] = {label: [] for label in WAIT_POLICIES}
+            for _ in range(rounds):
+                for label, env in WAIT_POLICIES.items():
+                    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent,
+                                          env={**base_env, **env}, capture_output=True, text=True, check=False)
+                    lines = done.stdout.strip().splitlines()
+                    if done.returncode == 0 and lines:
+                        times[label].append(float(lines[-1]))
+        finally:
+            if neighbour is not None:
+                neighbour.kill()
+                neighbour.wait()
+        rows += [[beside, label, str(len(t)), f"{median(t):.3f}" if t else "-",
+                  f"{percentile(t, 99):.3f}" if t else "-"] for label, t in times.items()]
+    return rows
 
 
 def main() -> None:
@@ -349,7 +377,7 @@ def main() -> None:
     print(machine_line())
     gpu = f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else ""
     print(f"device={args.device}{gpu} torch {torch.__version__} threads={torch.get_num_threads()} "
-          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']} matmul_peak={peak / 1e9:,.1f} GFLOP/s "
+          f"OpenMP wait {openmp_wait()} matmul_peak={peak / 1e9:,.1f} GFLOP/s "
           f"({'bf16 8192^2' if args.device == 'cuda' else 'fp32 2048^2'})")
     for w in loads:
         print(f"  {w.model}: {w.groups} groups x {w.group_size}, lengths {w.min_len}-{w.max_len}, "
@@ -376,7 +404,7 @@ def main() -> None:
     if rounds:
         print()
         print("OpenMP wait policy, one tiny-model step (4x4 groups) per fresh process, interleaved:")
-        print_table(["OMP_WAIT_POLICY", "n", "step_s median", "p99"], compare_wait_policy(rounds))
+        print_table(["beside", "OpenMP wait", "n", "step_s median", "p99"], compare_wait_policy(rounds))
 
 
 def print_scaling(loads: list[Workload], ranks: list[int]) -> None:
@@ -385,7 +413,7 @@ def print_scaling(loads: list[Workload], ranks: list[int]) -> None:
     rows = scaling(loads, ranks)
     print(machine_line())
     print(f"torch {torch.__version__}, gloo, FSDP2 (fully_shard per decoder layer and on the peft model); "
-          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
+          f"OpenMP wait {openmp_wait()}")
     for w in loads:
         print(f"  {w.model}: {w.groups} groups x {w.group_size}, lengths {w.min_len}-{w.max_len}, "
               f"budget {w.budget} tokens/micro-batch, {w.steps} measured steps after 1 warm-up")

@@ -29,14 +29,22 @@ def resolve_in_subprocess(base_model: str) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
+# The environment a training process starts with, per TrainerSettings.openmp_wait: libgomp reads it once, when
+# torch loads in the training child (or torchrun's ranks, which inherit it).
+OPENMP_WAIT_ENV = {"spin": {"GOMP_SPINCOUNT": "10000"}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"}}
+
+
+def set_openmp_wait(wait: str) -> None:
+    """Set the OpenMP wait the settings ask for, unless the environment already says how OpenMP threads wait."""
+    if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
+        return
+    os.environ.update(OPENMP_WAIT_ENV[wait])
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     settings = parse_settings(TrainerSettings, argv, prog="python -m trainer_worker")
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # OpenMP threads that spin while waiting take the CPUs from the ones working
-    # whenever anything else runs beside the trainer (vLLM, rollouts, the embedded
-    # stack); a step on a busy 2-CPU box ran up to 10x slower (bench/bench_trainer.py).
-    # Read when torch loads, in the training child.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    set_openmp_wait(settings.openmp_wait)
     if settings.node_rank > 0:
         from trainer_worker.group.launch import run_member
 

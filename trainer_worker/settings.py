@@ -24,6 +24,14 @@ class TrainerSettings(ServiceSettings):
     """One trainer worker: serves the train queue of one base model, one job at a time."""
 
     device: Literal["cpu", "cuda"] = Field("cpu", description="Torch device of the training child process.")
+    openmp_wait: Literal["spin", "passive"] = Field(
+        "spin",
+        description="How the training process's OpenMP threads wait between parallel regions: spin (briefly, "
+        "GOMP_SPINCOUNT=10000) where the trainer has its CPUs to itself; passive (OMP_WAIT_POLICY=PASSIVE: sleep "
+        "at once) where something else computes on them, as vLLM does in the local stack on the CPU. Spinning "
+        "beside a busy process made a step 2.4x slower, sleeping on idle CPUs 1.5x "
+        "(bench/bench_trainer.py --compare-wait-policy). The environment's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.",
+    )
     max_tokens_per_microbatch: int = Field(
         0,
         ge=0,
