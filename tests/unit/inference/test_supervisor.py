@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from inference_worker.settings import InferenceSettings
 from inference_worker import supervisor
+from inference_worker.settings import InferenceSettings
 from inference_worker.supervisor import cpu_has_bfloat16_arithmetic, vllm_command, vllm_env
 from inference_worker.vllm_flags import KERNEL_CACHE, VLLMPluginFlag
 
@@ -55,12 +55,12 @@ def test_the_command_without_lora_leaves_every_lora_flag_out() -> None:
     assert without == with_lora[: with_lora.index("--enable-lora")]
 
 
-def _flags(path, flags: str):  # noqa: ANN001, ANN202 - a /proc/cpuinfo of one core with these flags
+def _flags(path, flags: str):
     path.write_text(f"processor\t: 0\nflags\t\t: fpu sse2 avx2 {flags}\n")
     return path
 
 
-def test_bfloat16_arithmetic_is_read_from_the_cpus_flags(tmp_path) -> None:  # noqa: ANN001
+def test_bfloat16_arithmetic_is_read_from_the_cpus_flags(tmp_path) -> None:
     assert not cpu_has_bfloat16_arithmetic(str(_flags(tmp_path / "a", "fma")))
     assert cpu_has_bfloat16_arithmetic(str(_flags(tmp_path / "b", "avx512f avx512_bf16")))
     assert cpu_has_bfloat16_arithmetic(str(_flags(tmp_path / "c", "amx_tile amx_bf16")))
