@@ -83,7 +83,7 @@ async def test_a_job_running_longer_than_the_visibility_timeout_is_not_handed_ou
         async with QueueBackend(server.url, path=str(tmp_path / "logs")) as backend:
             model = TrainableModel("long", "chaos", base_model=str(tiny_model))
             await model.register(backend)
-            job = await backend.submit_train(model, make_groups(24, n_trajectories=8, n_tokens=256))
+            job = await backend.submit_train(model, make_groups(48, n_trajectories=8, n_tokens=256))
             started = await wait_status(job, JobStatus.RUNNING)
             while not (await job.status()).is_terminal:
                 # The message stays taken (unacknowledged), never back in the queue for a second delivery.
