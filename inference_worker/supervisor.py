@@ -18,6 +18,8 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 
+from tenacity import AsyncRetrying, RetryCallState, retry_if_result, stop_never, wait_exponential
+
 from inference_worker import request_defaults
 from inference_worker.metrics import InferenceMetrics
 from inference_worker.settings import InferenceSettings
@@ -30,7 +32,7 @@ log = logging.getLogger(__name__)
 
 # Consecutive failed /health checks of a live process before it counts as hung.
 _UNHEALTHY_LIMIT = 3
-# A process that served this long before it died resets the backoff.
+# A vLLM that served this long before it went down is restarted at once, and the backoff starts over.
 _STABLE_AFTER_S = 60.0
 _STOP_GRACE_S = 10.0
 _SMALL_MACHINE_CPUS = 4  # at or below this, vLLM-CPU reserves no core for its API server
@@ -116,23 +118,44 @@ class VLLMSupervisor:
         self.process: asyncio.subprocess.Process | None = None
 
     async def run(self) -> None:
-        """Keep vLLM running until cancelled; the child is stopped on the way out."""
-        backoff = self._settings.restart_backoff_s
+        """Keep vLLM running until cancelled; the child is stopped on the way out.
+
+        A vLLM that goes down within ``_STABLE_AFTER_S`` of its start is started
+        again after ``restart_backoff_s``, twice as long after each next such
+        failure, up to ``restart_backoff_max_s``; one that served longer is
+        restarted at once, and the waits start over.
+        """
         try:
             while True:
-                started = time.monotonic()
-                await self._serve_once()
-                self._metrics.vllm_up.set(0)
-                self._on_down()
-                if time.monotonic() - started > _STABLE_AFTER_S:
-                    backoff = self._settings.restart_backoff_s
-                log.warning("vLLM is down; restarting it in %.1f s", backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self._settings.restart_backoff_max_s)
+                served_s = await self._restart_backoff()(self._serve)
+                log.warning("vLLM is down after serving %.0f s; restarting it", served_s)
                 self._metrics.vllm_restarts.inc()
         finally:
             self._metrics.vllm_up.set(0)
             await asyncio.shield(self._stop_child())
+
+    def _restart_backoff(self) -> AsyncRetrying:
+        """Serve vLLM again after each short-lived run, with doubling waits, until a run lasts."""
+
+        def before_restart(state: RetryCallState) -> None:
+            pause = state.next_action.sleep if state.next_action else 0.0
+            log.warning("vLLM is down; restarting it in %.1f s", pause)
+            self._metrics.vllm_restarts.inc()
+
+        return AsyncRetrying(
+            retry=retry_if_result(lambda served_s: served_s <= _STABLE_AFTER_S),
+            wait=wait_exponential(multiplier=self._settings.restart_backoff_s, max=self._settings.restart_backoff_max_s),
+            stop=stop_never,
+            before_sleep=before_restart,
+        )
+
+    async def _serve(self) -> float:
+        """One life of vLLM, from its start until it goes down; returns the seconds it lasted."""
+        started = time.monotonic()
+        await self._serve_once()
+        self._metrics.vllm_up.set(0)
+        self._on_down()
+        return time.monotonic() - started
 
     async def _serve_once(self) -> None:
         """Start vLLM, wait until it answers, load the adapters, watch it until it fails."""

@@ -44,11 +44,19 @@ def translated_errors(what: str) -> Iterator[None]:
         raise BackendUnavailableError(f"{what}: Redis refused the credentials ({exc})") from exc
 
 
-def redis_retrying(what: str, log: logging.Logger, stop: Callable[[RetryCallState], bool]) -> dict[str, Any]:
+def redis_retrying(
+    what: str,
+    log: logging.Logger,
+    stop: Callable[[RetryCallState], bool],
+    *,
+    first_wait_s: float = 0.1,
+    max_wait_s: float = 5.0,
+) -> dict[str, Any]:
     """tenacity's arguments for riding out a Redis restart, for ``Retrying(**...)`` or ``AsyncRetrying(**...)``.
 
-    Retries while Redis is unreachable, waiting 0.1 s, doubling to 5 s, until
-    ``stop`` says so; then the last error is raised as it was.
+    Retries while Redis is unreachable, waiting ``first_wait_s``, doubling to
+    ``max_wait_s``, until ``stop`` says so; then the last error is raised as it
+    was. Each call of the ``Retrying`` starts the waits over.
     """
 
     def say(state: RetryCallState) -> None:
@@ -58,7 +66,7 @@ def redis_retrying(what: str, log: logging.Logger, stop: Callable[[RetryCallStat
 
     return {
         "retry": retry_if_exception_type(UNREACHABLE),
-        "wait": wait_exponential(multiplier=0.1, max=5.0),
+        "wait": wait_exponential(multiplier=first_wait_s, max=max_wait_s),
         "stop": stop,
         "before_sleep": say,
         "reraise": True,

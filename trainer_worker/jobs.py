@@ -33,7 +33,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
-from tenacity import Retrying, stop_after_delay
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, stop_after_delay
 
 from producer import keys
 from producer._redis import UNREACHABLE, redis_retrying
@@ -382,16 +382,16 @@ class JobRunner:
     def _execute_on_group(self, request: TrainRequest, claim: Claim) -> JobOutcome:
         """``_execute``, again on the restarted group if the group failed under it: still this job's
         claim and turn, and a step the failed run finished writing is committed, not made twice."""
-        attempt = 1
-        while True:
-            try:
-                return self._execute(request, claim)
-            except TrainerGroupError as exc:
-                if attempt >= _GROUP_ATTEMPTS:
-                    raise
-                log.warning("job %s: %s (attempt %d of %d); running it again", request.job_id, exc, attempt,
-                            _GROUP_ATTEMPTS)
-                attempt += 1
+
+        def say(state: RetryCallState) -> None:
+            error = state.outcome.exception() if state.outcome else None
+            log.warning("job %s: %s (attempt %d of %d); running it again", request.job_id, error,
+                        state.attempt_number, _GROUP_ATTEMPTS)
+
+        # No wait between runs: the group client has started the group again before it raises.
+        retrying = Retrying(retry=retry_if_exception_type(TrainerGroupError), stop=stop_after_attempt(_GROUP_ATTEMPTS),
+                            before_sleep=say, reraise=True)
+        return retrying(self._execute, request, claim)
 
     def _execute(self, request: TrainRequest, claim: Claim) -> JobOutcome:
         ref = request.model
