@@ -32,14 +32,13 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import httpx
 import msgspec
 
 from producer import keys
@@ -432,24 +431,18 @@ def _trainer_ready(redis_url: str, hostname: str) -> bool:
     return isinstance(info, dict) and bool(info.get("ready_at"))
 
 
-def _http_get(url: str, api_key: str | None, timeout: float = 2.0) -> tuple[int, bytes]:
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+def _answers_ok(url: str, api_key: str | None, timeout: float = 2.0) -> bool:
+    """``GET url`` answers 200; no answer (not listening yet, timed out) is ``False``."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, b""
-    except (urllib.error.URLError, OSError):
-        return 0, b""
+        return httpx.get(url, headers=headers, timeout=timeout).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def _inference_ready(base_url: str, api_key: str) -> bool:
     """vLLM answers /health and lists its base model (the worker warms it up before that matters)."""
-    status, _ = _http_get(base_url.removesuffix("/v1") + "/health", None)
-    if status != 200:
-        return False
-    status, _ = _http_get(base_url + "/models", api_key)
-    return status == 200
+    return _answers_ok(base_url.removesuffix("/v1") + "/health", None) and _answers_ok(base_url + "/models", api_key)
 
 
 def _pid_alive(pid: int) -> bool:
