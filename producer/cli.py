@@ -24,10 +24,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from producer.defaults import DEFAULT_PATH
+
 if TYPE_CHECKING:
     from producer.workers import WorkerInfo
-
-DEFAULT_PATH = ".trainq"
 
 
 # ------------------------------------------------------------------- commands
@@ -347,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
         return command
 
     def path_arg(command: argparse.ArgumentParser) -> None:
-        command.add_argument("--path", default=DEFAULT_PATH, help="the local stack's folder (default: .trainq)")
+        command.add_argument("--path", default=DEFAULT_PATH, help=f"the local stack's folder (default: {DEFAULT_PATH})")
 
     def redis_arg(command: argparse.ArgumentParser) -> None:
         command.add_argument("--redis-url", default=os.environ.get("TRAINQ_REDIS_URL"),

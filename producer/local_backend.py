@@ -42,6 +42,7 @@ import httpx
 import msgspec
 
 from producer import keys
+from producer.defaults import DEFAULT_PATH
 from producer.queue_backend import QueueBackend
 
 if TYPE_CHECKING:
@@ -75,7 +76,7 @@ class StackInfo(msgspec.Struct, kw_only=True):
     logs: dict[str, str] = msgspec.field(default_factory=dict)
 
 
-def read_stack(path: str | os.PathLike[str] = ".trainq") -> StackInfo | None:
+def read_stack(path: str | os.PathLike[str] = DEFAULT_PATH) -> StackInfo | None:
     """The stack recorded under ``path``, or ``None`` (no file, or an unreadable one)."""
     try:
         return msgspec.json.decode(Path(path, STACK_FILE).read_bytes(), type=StackInfo)
@@ -116,7 +117,7 @@ class LocalBackend(QueueBackend):
 
     def __init__(
         self,
-        path: str | None = ".trainq",
+        path: str | None = DEFAULT_PATH,
         *,
         base_model: str | None = None,
         redis_url: str | None = None,
@@ -134,7 +135,7 @@ class LocalBackend(QueueBackend):
             raise ValueError("in_process=True is not supported: trainq's trainer and inference workers are services")
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
-        self.path = path or ".trainq"
+        self.path = path or DEFAULT_PATH
         self.base_model = base_model
         self.inference_base_url: str | None = None
         self.inference_api_key: str | None = None

@@ -13,6 +13,8 @@ from typing import TypeVar
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from producer.defaults import DEFAULT_PATH
+
 __all__ = ["ServiceSettings", "parse_settings"]
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -39,7 +41,7 @@ class ServiceSettings(BaseSettings):
         description="Base model: a local folder, a hub id, or trainq/smollm2-135m-instruct (the embedded default).",
         min_length=1,
     )
-    checkpoint_root: str = Field(".trainq/checkpoints", description="Folder that holds every model's checkpoints.")
+    checkpoint_root: str = Field(f"{DEFAULT_PATH}/checkpoints", description="Folder that holds every model's checkpoints.")
     metrics_port: int = Field(0, ge=0, le=65535, description="Port of the Prometheus /metrics endpoint; 0 disables it.")
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$", description="Logging level.")
 

@@ -37,6 +37,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_aft
 
 from producer import keys
 from producer._redis import UNREACHABLE, redis_retrying
+from producer.defaults import DEFAULT_MAX_PAYLOAD_BYTES
 from producer.errors import TrainerGroupError
 from producer.types import (
     CheckpointEvent,
@@ -196,7 +197,6 @@ DEFAULT_REDIS_RETRY_S = 120.0
 DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_LEASE_S = 15.0
 _GROUP_ATTEMPTS = 3  # runs of a job whose training group failed under it (each after a restart)
-DEFAULT_MAX_PAYLOAD_BYTES = 256 * 1024 * 1024  # the same default as QueueBackend's
 
 T = TypeVar("T")
 
