@@ -240,8 +240,12 @@ def _redis(args: argparse.Namespace) -> Any:
     import redis
 
     from producer.local_backend import read_stack
+    from producer.settings import client_settings
 
-    url = args.redis_url
+    try:
+        url = args.redis_url or client_settings().redis_url
+    except ValueError as exc:
+        raise SystemExit(f"trainq: {exc}") from None
     if not url:
         stack = read_stack(args.path)
         if stack is None:
@@ -350,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--path", default=DEFAULT_PATH, help=f"the local stack's folder (default: {DEFAULT_PATH})")
 
     def redis_arg(command: argparse.ArgumentParser) -> None:
-        command.add_argument("--redis-url", default=os.environ.get("TRAINQ_REDIS_URL"),
+        command.add_argument("--redis-url", default=None,
                              help="a stack's Redis (default: $TRAINQ_REDIS_URL, else the local stack's)")
 
     demo = add("demo", "train the yes/no/maybe example on the embedded default with a local stack", cmd_demo)

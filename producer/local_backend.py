@@ -44,6 +44,7 @@ import msgspec
 from producer import keys
 from producer.defaults import DEFAULT_PATH
 from producer.queue_backend import QueueBackend
+from producer.settings import client_settings
 
 if TYPE_CHECKING:
     from producer.jobs import TrainJob
@@ -140,7 +141,7 @@ class LocalBackend(QueueBackend):
         self.inference_base_url: str | None = None
         self.inference_api_key: str | None = None
         self._options = _StackOptions(
-            redis_url=redis_url or os.environ.get("REDIS_URL") or None,
+            redis_url=redis_url or client_settings().local_redis_url,
             inference_port=inference_port,
             api_key=api_key,
             device=device,
