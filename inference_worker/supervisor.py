@@ -25,6 +25,7 @@ from inference_worker.metrics import InferenceMetrics
 from inference_worker.settings import InferenceSettings
 from inference_worker.vllm_client import VLLMClient, VLLMError
 from inference_worker.vllm_flags import KERNEL_CACHE, VLLMPluginFlag
+from producer._children import die_with_parent, signal_group
 
 __all__ = ["VLLMSupervisor", "vllm_command", "vllm_env"]
 
@@ -163,7 +164,7 @@ class VLLMSupervisor:
             *vllm_command(self._settings, self._model_path),
             env=vllm_env(self._settings),
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,  # vLLM is never orphaned
         )
         log.info("started vLLM (pid %d) on port %d", self.process.pid, self._settings.port)
         try:
@@ -227,28 +228,13 @@ class VLLMSupervisor:
         process = self.process
         if process is None:
             return
-        _signal_group(process.pid, signal.SIGTERM)
+        signal_group(process.pid, signal.SIGTERM)
         try:
             await asyncio.wait_for(process.wait(), _STOP_GRACE_S)
         except TimeoutError:
             log.warning("vLLM did not stop within %.0f s; killing it", _STOP_GRACE_S)
         # The leader may be gone while its engine processes linger: the group goes too.
-        _signal_group(process.pid, signal.SIGKILL)
+        signal_group(process.pid, signal.SIGKILL)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(process.wait(), _STOP_GRACE_S)
         self.process = None
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: get SIGTERM if the worker dies, so vLLM is never orphaned (Linux)."""
-    if sys.platform != "linux":
-        return
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
