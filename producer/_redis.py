@@ -13,6 +13,8 @@ from tenacity import RetryCallState, retry_if_exception_type, wait_exponential
 
 from producer.errors import BackendUnavailableError
 
+__all__ = ["MAX_CONNECTIONS", "UNREACHABLE", "connect", "redis_retrying", "translated_errors"]
+
 UNREACHABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError, BackendUnavailableError)
 """What a Redis restart raises, on either side of the translation."""
 

@@ -29,6 +29,8 @@ from producer.defaults import DEFAULT_PATH
 if TYPE_CHECKING:
     from producer.workers import WorkerInfo
 
+__all__ = ["build_parser", "main"]
+
 
 # ------------------------------------------------------------------- commands
 

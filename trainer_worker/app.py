@@ -50,6 +50,8 @@ if TYPE_CHECKING:
     from trainer_worker.core.trainer import Trainer
     from trainer_worker.group.client import GroupTrainer
 
+__all__ = ["create_app"]
+
 log = logging.getLogger(__name__)
 
 # The main process's Redis calls run on Celery's event loop: they must fail fast, not stall it.

@@ -55,6 +55,20 @@ if TYPE_CHECKING:
     from trainer_worker.core.trainer import Trainer
     from trainer_worker.group.client import GroupTrainer
 
+__all__ = [
+    "DEFAULT_LEASE_S",
+    "DEFAULT_MAX_ATTEMPTS",
+    "DEFAULT_REDIS_RETRY_S",
+    "REQUEUED_SCRIPT",
+    "Claim",
+    "Fenced",
+    "JobRejected",
+    "JobRunner",
+    "RecordLost",
+    "decode_groups",
+    "decode_request",
+]
+
 log = logging.getLogger(__name__)
 
 _request_decoder = msgspec.msgpack.Decoder(TrainRequest)

@@ -11,6 +11,8 @@ from producer.queue import DEFAULT_VISIBILITY_TIMEOUT_S
 from producer.settings import ServiceSettings
 from trainer_worker.jobs import DEFAULT_LEASE_S, DEFAULT_MAX_ATTEMPTS, DEFAULT_REDIS_RETRY_S
 
+__all__ = ["CPU_MICROBATCH_TOKENS", "CUDA_MICROBATCH_TOKENS", "TrainerSettings"]
+
 
 # Packed rows cost only their sequences' attention (core/attention.py), so a longer row
 # no longer costs more; before that, 512 measured fastest for the local demo on SmolLM2.

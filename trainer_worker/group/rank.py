@@ -53,6 +53,8 @@ if TYPE_CHECKING:
     from trainer_worker.core.fsdp import FSDPWorld
     from trainer_worker.core.trainer import Trainer
 
+__all__ = ["AGREED_ERRORS", "Leader", "broadcast_bytes", "check_same_spec", "follow", "main"]
+
 log = logging.getLogger("trainer_worker.group")
 
 AGREED_ERRORS = (FloatingPointError,)
