@@ -128,7 +128,7 @@ class VLLMSupervisor:
         """
         try:
             while True:
-                served_s = await self._restart_backoff()(self._serve)
+                served_s: float = await self._restart_backoff()(self._serve)
                 log.warning("vLLM is down after serving %.0f s; restarting it", served_s)
                 self._metrics.vllm_restarts.inc()
         finally:

@@ -90,7 +90,7 @@ class CheckpointWatcher:
             f"reading {self._stream}", log, stop_never, first_wait_s=_FIRST_RETRY_S, max_wait_s=_MAX_RETRY_S,
         ))
         while True:
-            entries = await reading(self._read)
+            entries: list[tuple[str, dict[str, Any]]] = await reading(self._read)
             for entry_id, fields in entries:
                 await self.apply(entry_id, fields)
                 self.position = entry_id

@@ -13,7 +13,7 @@ from tenacity import RetryCallState, retry_if_exception_type, wait_exponential
 
 from producer.errors import BackendUnavailableError
 
-__all__ = ["MAX_CONNECTIONS", "UNREACHABLE", "connect", "redis_retrying", "translated_errors"]
+__all__ = ["MAX_CONNECTIONS", "UNREACHABLE", "connect", "redis_retrying", "reply_bytes", "translated_errors"]
 
 UNREACHABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError, BackendUnavailableError)
 """What a Redis restart raises, on either side of the translation."""
@@ -33,6 +33,11 @@ def connect(redis_url: str, *, max_connections: int = MAX_CONNECTIONS) -> aiored
         socket_connect_timeout=5, client_name="trainq-sdk",
     )
     return aioredis.Redis.from_pool(pool)
+
+
+def reply_bytes(reply: bytes | str) -> bytes:
+    """A reply of a client without ``decode_responses`` as the bytes it is (redis-py types it bytes or str)."""
+    return reply if isinstance(reply, bytes) else reply.encode()
 
 
 @contextmanager

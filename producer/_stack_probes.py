@@ -9,6 +9,7 @@ import msgspec
 import redis
 
 from producer import keys
+from producer._redis import reply_bytes
 from producer._stack_record import StackInfo
 
 __all__ = ["inference_ready", "redis_ready", "stack_alive", "trainer_ready"]
@@ -38,7 +39,7 @@ def trainer_ready(redis_url: str, hostname: str) -> bool:
         return False
     if raw is None:
         return False
-    info = msgspec.msgpack.decode(raw if isinstance(raw, bytes) else raw.encode())
+    info = msgspec.msgpack.decode(reply_bytes(raw))
     return isinstance(info, dict) and bool(info.get("ready_at"))
 
 

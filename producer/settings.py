@@ -60,11 +60,11 @@ class ClientSettings(BaseSettings):
                                       populate_by_name=True)
 
     redis_url: RedisUrl | None = Field(
-        None, description="TRAINQ_REDIS_URL: the stack `trainq status` and `trainq jobs` read, unless --redis-url."
+        default=None, description="TRAINQ_REDIS_URL: the stack `trainq status` and `trainq jobs` read, unless --redis-url."
     )
     # Not checked here: a common variable that other tools set too, and redis-py reads more forms (unix://).
     local_redis_url: str | None = Field(
-        None,
+        default=None,
         validation_alias="REDIS_URL",
         description="REDIS_URL: a Redis for LocalBackend to use instead of starting its own.",
     )

@@ -36,7 +36,7 @@ import msgspec
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, stop_after_delay
 
 from producer import keys
-from producer._redis import UNREACHABLE, redis_retrying
+from producer._redis import UNREACHABLE, redis_retrying, reply_bytes
 from producer.defaults import DEFAULT_MAX_PAYLOAD_BYTES
 from producer.errors import TrainerGroupError
 from producer.types import (
@@ -437,7 +437,7 @@ class JobRunner:
         payload = self.redis.get(request.payload_key)
         if payload is None:
             raise LookupError(f"the job's groups are gone from {request.payload_key} (expired or deleted)")
-        return decode_groups(payload)
+        return decode_groups(reply_bytes(payload))
 
     def _fence(self, job_id: str, claim: Claim) -> None:
         """Raise ``Fenced`` unless this attempt may still write: checked before a step's rename or deletion.

@@ -25,7 +25,6 @@ import argparse
 import logging
 import os
 import socket
-import sys
 import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, NoReturn
@@ -253,4 +252,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
