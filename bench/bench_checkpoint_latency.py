@@ -29,10 +29,9 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from _common import machine_line, median, percentile, print_table, verdict  # noqa: E402
-
 import httpx  # noqa: E402
 import redis  # noqa: E402
+from _common import machine_line, median, percentile, print_table, verdict  # noqa: E402
 
 from producer import QueueBackend, TrainableModel  # noqa: E402
 from producer.keys import CHECKPOINT_STREAM  # noqa: E402
