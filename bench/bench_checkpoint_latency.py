@@ -30,15 +30,15 @@ from trainer_worker.__main__ import set_openmp_wait
 
 set_openmp_wait("spin")  # as `python -m trainer_worker` does by default, before torch loads
 
-import httpx
-import redis
-from _common import machine_line, median, percentile, print_table, verdict
+import httpx  # noqa: E402
+import redis  # noqa: E402
+from _common import machine_line, median, percentile, print_table, verdict  # noqa: E402
 
-from producer import QueueBackend, TrainableModel
-from producer.keys import CHECKPOINT_STREAM
-from tests.integration.inference.worker import InferenceWorker
-from tests.support.groups import make_groups
-from tests.support.services import run_redis, start_trainer_worker
+from producer import QueueBackend, TrainableModel  # noqa: E402
+from producer.keys import CHECKPOINT_STREAM  # noqa: E402
+from tests.integration.inference.worker import InferenceWorker  # noqa: E402
+from tests.support.groups import make_groups  # noqa: E402
+from tests.support.services import run_redis, start_trainer_worker  # noqa: E402
 
 TARGET_S = 1.0
 POLL_S = 0.005

@@ -30,9 +30,8 @@ import argparse
 import os
 import time
 
-from _common import machine_line, median, print_table
-
 import torch
+from _common import machine_line, median, print_table
 
 from inference_worker.vllm_cpu_lora import compilation, fused, rows_kernel, rows_op
 from tests.support import punica

@@ -180,7 +180,7 @@ def build_codecs() -> list[Codec]:
             pickle.loads,
             prepare=without_shared_strings,
         ),
-        # The same records encoded as maps, as producer/types.py had them before array_like.
+        # The same records encoded as maps, as producer/types/rollouts.py had them before array_like.
         Codec(
             "msgspec, map records (before)",
             encoder.encode,

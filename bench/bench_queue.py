@@ -51,14 +51,14 @@ from trainer_worker.__main__ import set_openmp_wait
 
 set_openmp_wait("spin")  # as `python -m trainer_worker` does by default, before torch loads
 
-import msgspec
-from _common import machine_line, median, percentile, print_table, verdict
+import msgspec  # noqa: E402
+from _common import machine_line, median, percentile, print_table, verdict  # noqa: E402
 
-from producer import QueueBackend, TrainableModel, queue_backend
-from producer.types import ModelRef, TrainConfig, TrajectoryGroup
-from producer.validation import encode_groups, validate_groups
-from tests.support.groups import make_group
-from tests.support.services import run_redis, start_trainer_worker
+from producer import QueueBackend, TrainableModel, queue_backend  # noqa: E402
+from producer.types import ModelRef, TrainConfig, TrajectoryGroup  # noqa: E402
+from producer.validation import encode_groups, validate_groups  # noqa: E402
+from tests.support.groups import make_group  # noqa: E402
+from tests.support.services import run_redis, start_trainer_worker  # noqa: E402
 
 GROUP_SIZE = 8
 TOKENS_PER_TRAJECTORY = 1000  # under the tiny model's 2,048 positions, with the prompt

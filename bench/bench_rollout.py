@@ -65,13 +65,13 @@ from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from _common import machine_line, median, percentile, print_table, verdict
-
 import httpx
+from _common import machine_line, median, percentile, print_table, verdict
 
 from inference_worker.settings import InferenceSettings
 from inference_worker.supervisor import vllm_command, vllm_env
-from producer.local_backend import CPU_INFERENCE_DEFAULTS, free_port
+from producer._stack_env import free_port
+from producer.local_backend import CPU_INFERENCE_DEFAULTS
 from tests.integration.inference.adapters import checkpoint_dir, write_adapter
 from tests.integration.inference.worker import API_KEY, InferenceWorker, publish_checkpoint
 from tests.support.examples import load_example

@@ -52,9 +52,9 @@ from trainer_worker.__main__ import set_openmp_wait
 
 set_openmp_wait("spin")  # as `python -m trainer_worker` does by default, before torch loads
 
-from _common import machine_line, median, percentile, print_table
+from _common import machine_line, median, percentile, print_table  # noqa: E402
 
-from trainer_worker.core.attention import ATTENTION
+from trainer_worker.core.attention import ATTENTION  # noqa: E402
 
 PRIME_RL_H100 = {"tokens/s": 13_342, "mfu": 0.109, "what": "prime-rl, Qwen3-0.6B LoRA, 16k seq, 1x H100"}
 H100_BF16_DENSE_PEAK = 989e12

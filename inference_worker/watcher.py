@@ -7,7 +7,6 @@ every retained checkpoint. A malformed entry is counted, logged and skipped.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Iterable
@@ -17,9 +16,11 @@ from typing import Any
 import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
+from tenacity import AsyncRetrying, stop_never
 
 from inference_worker.adapters import Adapter, AdapterManager
 from inference_worker.metrics import InferenceMetrics
+from producer._redis import redis_retrying
 from producer.errors import BackendUnavailableError
 from producer.keys import CHECKPOINT_STREAM
 from producer.names import validate_name
@@ -31,6 +32,9 @@ log = logging.getLogger(__name__)
 
 _BLOCK_MS = 5_000
 _BATCH = 200
+# Waits between reads while Redis is unreachable: a replica notices Redis back within 30 s.
+_FIRST_RETRY_S = 0.5
+_MAX_RETRY_S = 30.0
 
 
 def decode_event(fields: dict[str, str]) -> CheckpointEvent:
@@ -77,17 +81,16 @@ class CheckpointWatcher:
         await self._redis.aclose()
 
     async def run(self) -> None:
-        """Read and apply events until cancelled; Redis outages are waited out."""
-        backoff = 0.5
+        """Read and apply events until cancelled; Redis outages are waited out.
+
+        A read that fails is tried again after 0.5 s, doubling to 30 s while Redis
+        stays away; the next outage starts over at 0.5 s.
+        """
+        reading = AsyncRetrying(**redis_retrying(
+            f"reading {self._stream}", log, stop_never, first_wait_s=_FIRST_RETRY_S, max_wait_s=_MAX_RETRY_S,
+        ))
         while True:
-            try:
-                entries = await self._read()
-            except BackendUnavailableError as exc:
-                log.warning("%s; retrying in %.1f s", exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 30.0)
-                continue
-            backoff = 0.5
+            entries: list[tuple[str, dict[str, Any]]] = await reading(self._read)
             for entry_id, fields in entries:
                 await self.apply(entry_id, fields)
                 self.position = entry_id

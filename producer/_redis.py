@@ -13,6 +13,8 @@ from tenacity import RetryCallState, retry_if_exception_type, wait_exponential
 
 from producer.errors import BackendUnavailableError
 
+__all__ = ["MAX_CONNECTIONS", "UNREACHABLE", "connect", "redis_retrying", "reply_bytes", "translated_errors"]
+
 UNREACHABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError, BackendUnavailableError)
 """What a Redis restart raises, on either side of the translation."""
 
@@ -33,6 +35,11 @@ def connect(redis_url: str, *, max_connections: int = MAX_CONNECTIONS) -> aiored
     return aioredis.Redis.from_pool(pool)
 
 
+def reply_bytes(reply: bytes | str) -> bytes:
+    """A reply of a client without ``decode_responses`` as the bytes it is (redis-py types it bytes or str)."""
+    return reply if isinstance(reply, bytes) else reply.encode()
+
+
 @contextmanager
 def translated_errors(what: str) -> Iterator[None]:
     """Re-raise Redis connection trouble as ``BackendUnavailableError`` (retryable)."""
@@ -44,11 +51,19 @@ def translated_errors(what: str) -> Iterator[None]:
         raise BackendUnavailableError(f"{what}: Redis refused the credentials ({exc})") from exc
 
 
-def redis_retrying(what: str, log: logging.Logger, stop: Callable[[RetryCallState], bool]) -> dict[str, Any]:
+def redis_retrying(
+    what: str,
+    log: logging.Logger,
+    stop: Callable[[RetryCallState], bool],
+    *,
+    first_wait_s: float = 0.1,
+    max_wait_s: float = 5.0,
+) -> dict[str, Any]:
     """tenacity's arguments for riding out a Redis restart, for ``Retrying(**...)`` or ``AsyncRetrying(**...)``.
 
-    Retries while Redis is unreachable, waiting 0.1 s, doubling to 5 s, until
-    ``stop`` says so; then the last error is raised as it was.
+    Retries while Redis is unreachable, waiting ``first_wait_s``, doubling to
+    ``max_wait_s``, until ``stop`` says so; then the last error is raised as it
+    was. Each call of the ``Retrying`` starts the waits over.
     """
 
     def say(state: RetryCallState) -> None:
@@ -58,7 +73,7 @@ def redis_retrying(what: str, log: logging.Logger, stop: Callable[[RetryCallStat
 
     return {
         "retry": retry_if_exception_type(UNREACHABLE),
-        "wait": wait_exponential(multiplier=0.1, max=5.0),
+        "wait": wait_exponential(multiplier=first_wait_s, max=max_wait_s),
         "stop": stop,
         "before_sleep": say,
         "reraise": True,

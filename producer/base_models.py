@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from producer.settings import client_settings
+
 __all__ = ["EMBEDDED_DEFAULT", "default_cache_dir", "embedded_default_path", "resolve_base_model"]
 
 EMBEDDED_DEFAULT = "trainq/smollm2-135m-instruct"
@@ -77,10 +79,7 @@ CHATML_TOOLS_TEMPLATE = (
 
 def default_cache_dir() -> Path:
     """``$TRAINQ_CACHE_DIR``, else ``$XDG_CACHE_HOME/trainq``, else ``~/.cache/trainq``."""
-    if os.environ.get("TRAINQ_CACHE_DIR"):
-        return Path(os.environ["TRAINQ_CACHE_DIR"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "trainq"
+    return client_settings().cache_dir.expanduser()
 
 
 def embedded_default_path(cache_dir: str | os.PathLike[str] | None = None) -> Path:

@@ -24,10 +24,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from producer.defaults import DEFAULT_PATH
+
 if TYPE_CHECKING:
     from producer.workers import WorkerInfo
 
-DEFAULT_PATH = ".trainq"
+__all__ = ["build_parser", "main"]
 
 
 # ------------------------------------------------------------------- commands
@@ -104,7 +106,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    from producer.local_backend import read_stack
+    from producer._stack_record import forget_stack, read_stack
 
     stack = read_stack(args.path)
     if stack is None:
@@ -114,10 +116,10 @@ def cmd_down(args: argparse.Namespace) -> int:
         os.kill(stack.owner_pid, signal.SIGTERM)  # its owner stops it in order and removes the record
     except ProcessLookupError:
         print(f"the stack's owner (pid {stack.owner_pid}) is gone; its services went with it")
-        Path(args.path, "stack.json").unlink(missing_ok=True)
+        forget_stack(args.path)
         return 0
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and Path(args.path, "stack.json").exists():
+    while time.monotonic() < deadline and read_stack(args.path) is not None:
         time.sleep(0.5)
     print(f"stopped the stack under {args.path}")
     return 0
@@ -240,8 +242,12 @@ def _redis(args: argparse.Namespace) -> Any:
     import redis
 
     from producer.local_backend import read_stack
+    from producer.settings import client_settings
 
-    url = args.redis_url
+    try:
+        url = args.redis_url or client_settings().redis_url
+    except ValueError as exc:
+        raise SystemExit(f"trainq: {exc}") from None
     if not url:
         stack = read_stack(args.path)
         if stack is None:
@@ -306,9 +312,11 @@ def _recent_statuses(client: Any, queue: str, limit: int = 1000) -> dict[str, in
 
 
 def _describe_stack(stack: Any, path: str) -> str:
+    from producer._stack_record import STACK_FILE
+
     return "\n".join([
         f"trainq local stack for {stack.base_model} (pid {stack.owner_pid})",
-        f"  inference   {stack.inference_base_url}   api key in {Path(path) / 'stack.json'}",
+        f"  inference   {stack.inference_base_url}   api key in {Path(path) / STACK_FILE}",
         f"  redis       {stack.redis_url}",
         f"  metrics     trainer http://127.0.0.1:{stack.metrics_ports.get('trainer')}/metrics, "
         f"inference http://127.0.0.1:{stack.metrics_ports.get('inference')}/metrics",
@@ -347,10 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
         return command
 
     def path_arg(command: argparse.ArgumentParser) -> None:
-        command.add_argument("--path", default=DEFAULT_PATH, help="the local stack's folder (default: .trainq)")
+        command.add_argument("--path", default=DEFAULT_PATH, help=f"the local stack's folder (default: {DEFAULT_PATH})")
 
     def redis_arg(command: argparse.ArgumentParser) -> None:
-        command.add_argument("--redis-url", default=os.environ.get("TRAINQ_REDIS_URL"),
+        command.add_argument("--redis-url", default=None,
                              help="a stack's Redis (default: $TRAINQ_REDIS_URL, else the local stack's)")
 
     demo = add("demo", "train the yes/no/maybe example on the embedded default with a local stack", cmd_demo)

@@ -17,6 +17,19 @@ keyword arguments ``TypeError``, both before any I/O.
 
 from __future__ import annotations
 
+__all__ = [
+    "BackendUnavailableError",
+    "JobCancelledError",
+    "JobError",
+    "JobFailedError",
+    "JobNotFoundError",
+    "NoWorkerError",
+    "PayloadTooLargeError",
+    "TrainTimeoutError",
+    "TrainerGroupError",
+    "TrainqError",
+]
+
 
 class TrainqError(Exception):
     """Base of every error trainq raises on purpose."""

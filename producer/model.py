@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import msgspec
 
 from producer._warn import warn_once
+from producer.defaults import DEFAULT_PATH
 from producer.names import inference_name, validate_name
 from producer.types import TrainConfig, Trajectory, TrajectoryGroup
 
@@ -52,7 +53,7 @@ class Model(Generic[ConfigT]):
         inference_base_url: str | None = None,
         inference_api_key: str | None = None,
         inference_model_name: str | None = None,
-        base_path: str = ".trainq",
+        base_path: str = DEFAULT_PATH,
         config: ConfigT | None = None,
         entity: str | None = None,
         id: str | None = None,  # noqa: A002 - ART's name

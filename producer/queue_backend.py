@@ -16,6 +16,7 @@ import msgspec
 from producer import keys
 from producer._redis import connect, translated_errors
 from producer.backend import Backend, TrainOptions, build_config
+from producer.defaults import DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_PATH
 from producer.errors import BackendUnavailableError, NoWorkerError, PayloadTooLargeError
 from producer.jobs import WORKER_GRACE_S, JobListener, TrainJob
 from producer.queue import build_celery_app
@@ -42,7 +43,6 @@ __all__ = ["QueueBackend"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_PAYLOAD_BYTES = 256 * 1024 * 1024
 WORKER_WAIT_S = 5.0
 
 
@@ -78,7 +78,7 @@ class QueueBackend(Backend):
         inference_base_url: str | None = None,
         inference_api_key: str | None = None,
         *,
-        path: str = ".trainq",
+        path: str = DEFAULT_PATH,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         payload_ttl_s: int = keys.JOB_TTL_S,
         serve_timeout_s: float = 60.0,

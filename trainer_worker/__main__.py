@@ -12,6 +12,8 @@ from producer import keys
 from producer.settings import parse_settings
 from trainer_worker.settings import TrainerSettings
 
+__all__ = ["main", "resolve_in_subprocess"]
+
 
 def resolve_in_subprocess(base_model: str) -> str:
     """Resolve (and materialise, once) the base model in a child process.

@@ -39,16 +39,19 @@ from celery.signals import (
 )
 
 from producer import keys
+from producer._redis import reply_bytes
 from producer.queue import build_celery_app
 from producer.workers import WorkerInfo
 from trainer_worker import broker
-from trainer_worker.jobs import RecordLost
+from trainer_worker.jobs import JobRunner, RecordLost
 from trainer_worker.liveness import Supervisor, liveness_step, new_worker_id
 from trainer_worker.settings import TrainerSettings
 
 if TYPE_CHECKING:
     from trainer_worker.core.trainer import Trainer
     from trainer_worker.group.client import GroupTrainer
+
+__all__ = ["create_app"]
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +68,7 @@ class _State:
     worker_id: str
     tick_s: float
     layout: broker.BrokerLayout
-    runner: Future = field(default_factory=Future)  # the JobRunner, built in the child
+    runner: Future[JobRunner] = field(default_factory=Future)  # built in the child
 
 
 def create_app(settings: TrainerSettings, base_model_path: str) -> tuple[Celery, _State]:
@@ -113,7 +116,7 @@ def _connect_signals(state: _State, supervisor: Supervisor) -> None:
         """Update this worker's registry entry (the child adds what it knows once the model is loaded)."""
         client = redis.Redis.from_url(state.settings.redis_url)
         current = client.hget(keys.WORKERS_KEY, state.hostname)
-        info = msgspec.msgpack.decode(current, type=WorkerInfo) if current else WorkerInfo(
+        info = msgspec.msgpack.decode(reply_bytes(current), type=WorkerInfo) if current else WorkerInfo(
             base_model=state.settings.base_model, queue=state.queue, pid=os.getppid(), started_at=time.time(),
             worker_id=state.worker_id, heartbeat_s=state.tick_s,
         )
@@ -172,10 +175,9 @@ def _connect_signals(state: _State, supervisor: Supervisor) -> None:
                 close()  # a training group stops with its child
 
 
-def _build_runner(state: _State) -> object:
+def _build_runner(state: _State) -> JobRunner:
     """Load the model and the trainer in the child: the only place torch meets a device."""
     from trainer_worker import metrics
-    from trainer_worker.jobs import JobRunner
 
     settings = state.settings
     # Generous socket timeout: a job's payload may be hundreds of MB; a hung connection must still end.

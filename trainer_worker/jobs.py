@@ -33,10 +33,11 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
-from tenacity import Retrying, stop_after_delay
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, stop_after_delay
 
 from producer import keys
-from producer._redis import UNREACHABLE, redis_retrying
+from producer._redis import UNREACHABLE, redis_retrying, reply_bytes
+from producer.defaults import DEFAULT_MAX_PAYLOAD_BYTES
 from producer.errors import TrainerGroupError
 from producer.types import (
     CheckpointEvent,
@@ -53,6 +54,20 @@ if TYPE_CHECKING:
 
     from trainer_worker.core.trainer import Trainer
     from trainer_worker.group.client import GroupTrainer
+
+__all__ = [
+    "DEFAULT_LEASE_S",
+    "DEFAULT_MAX_ATTEMPTS",
+    "DEFAULT_REDIS_RETRY_S",
+    "REQUEUED_SCRIPT",
+    "Claim",
+    "Fenced",
+    "JobRejected",
+    "JobRunner",
+    "RecordLost",
+    "decode_groups",
+    "decode_request",
+]
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +211,6 @@ DEFAULT_REDIS_RETRY_S = 120.0
 DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_LEASE_S = 15.0
 _GROUP_ATTEMPTS = 3  # runs of a job whose training group failed under it (each after a restart)
-DEFAULT_MAX_PAYLOAD_BYTES = 256 * 1024 * 1024  # the same default as QueueBackend's
 
 T = TypeVar("T")
 
@@ -382,16 +396,16 @@ class JobRunner:
     def _execute_on_group(self, request: TrainRequest, claim: Claim) -> JobOutcome:
         """``_execute``, again on the restarted group if the group failed under it: still this job's
         claim and turn, and a step the failed run finished writing is committed, not made twice."""
-        attempt = 1
-        while True:
-            try:
-                return self._execute(request, claim)
-            except TrainerGroupError as exc:
-                if attempt >= _GROUP_ATTEMPTS:
-                    raise
-                log.warning("job %s: %s (attempt %d of %d); running it again", request.job_id, exc, attempt,
-                            _GROUP_ATTEMPTS)
-                attempt += 1
+
+        def say(state: RetryCallState) -> None:
+            error = state.outcome.exception() if state.outcome else None
+            log.warning("job %s: %s (attempt %d of %d); running it again", request.job_id, error,
+                        state.attempt_number, _GROUP_ATTEMPTS)
+
+        # No wait between runs: the group client has started the group again before it raises.
+        retrying = Retrying(retry=retry_if_exception_type(TrainerGroupError), stop=stop_after_attempt(_GROUP_ATTEMPTS),
+                            before_sleep=say, reraise=True)
+        return retrying(self._execute, request, claim)
 
     def _execute(self, request: TrainRequest, claim: Claim) -> JobOutcome:
         ref = request.model
@@ -423,7 +437,7 @@ class JobRunner:
         payload = self.redis.get(request.payload_key)
         if payload is None:
             raise LookupError(f"the job's groups are gone from {request.payload_key} (expired or deleted)")
-        return decode_groups(payload)
+        return decode_groups(reply_bytes(payload))
 
     def _fence(self, job_id: str, claim: Claim) -> None:
         """Raise ``Fenced`` unless this attempt may still write: checked before a step's rename or deletion.

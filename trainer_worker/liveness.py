@@ -45,6 +45,8 @@ from producer._redis import UNREACHABLE
 from trainer_worker import broker
 from trainer_worker.jobs import REQUEUED_SCRIPT
 
+__all__ = ["Supervisor", "liveness_step", "new_worker_id"]
+
 log = logging.getLogger(__name__)
 
 # KEYS: leader, token counter. ARGV: worker id, lease ms, the token this worker held last ('' if none).

@@ -16,6 +16,30 @@ from prometheus_client.registry import Collector
 
 from producer import keys
 
+__all__ = [
+    "CHECKPOINT_SAVE",
+    "COLLECTIVE_SECONDS",
+    "GROUP_NODES",
+    "GROUP_RANKS",
+    "GROUP_RESTARTS",
+    "JOBS",
+    "LAST_STEP_TIME",
+    "LOSS",
+    "MISMATCH_GAUGES",
+    "QUEUE_WAIT",
+    "RANK_TOKENS_PER_S",
+    "REGISTRY",
+    "RENDERED_TRAJECTORIES",
+    "REWARD",
+    "STEP",
+    "STEP_GAUGES",
+    "TRAINED_TOKENS",
+    "TRAIN_DURATION",
+    "LeaderCollector",
+    "QueueDepthCollector",
+    "serve",
+]
+
 # Train steps take seconds to hours; queue waits milliseconds to hours.
 _DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200)
 

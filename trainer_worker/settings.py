@@ -6,9 +6,12 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from producer.defaults import DEFAULT_MAX_PAYLOAD_BYTES
 from producer.queue import DEFAULT_VISIBILITY_TIMEOUT_S
 from producer.settings import ServiceSettings
 from trainer_worker.jobs import DEFAULT_LEASE_S, DEFAULT_MAX_ATTEMPTS, DEFAULT_REDIS_RETRY_S
+
+__all__ = ["CPU_MICROBATCH_TOKENS", "CUDA_MICROBATCH_TOKENS", "TrainerSettings"]
 
 
 # Packed rows cost only their sequences' attention (core/attention.py), so a longer row
@@ -62,7 +65,7 @@ class TrainerSettings(ServiceSettings):
         "to its queue and its next delivery commits the step it made.",
     )
     max_payload_bytes: int = Field(
-        256 * 1024 * 1024,
+        DEFAULT_MAX_PAYLOAD_BYTES,
         ge=1024,
         description="A job whose groups payload (or request) is larger is refused before it is decoded.",
     )

@@ -7,6 +7,7 @@ register -> sample ``name@0`` with logprobs and token ids -> ``backend.train`` -
 from __future__ import annotations
 
 import asyncio
+
 import openai
 import pytest
 

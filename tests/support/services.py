@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from producer.local_backend import free_port, redis_server_binary
+from producer._stack_env import free_port, redis_server_binary
 
 __all__ = ["free_port", "redis_server_binary", "run_redis", "start_trainer_worker", "wait_for_port"]
 

@@ -11,3 +11,5 @@
 
 Importing this package imports no torch; its modules do.
 """
+
+__all__: list[str] = []  # a map of the package; import its modules

@@ -46,7 +46,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
@@ -54,6 +54,9 @@ import torch.distributed as dist
 from trainer_worker.core.lora import LoadedModel, TrainingState
 from trainer_worker.core.packing import MicroBatch, TrainSequence, split_by_tokens
 from trainer_worker.core.world import Build, Phase, RankStats
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.state_dict import ValueType
 
 __all__ = ["FSDPWorld", "optimizer_by_index", "optimizer_by_name", "setup_world"]
 
@@ -195,8 +198,10 @@ class FSDPWorld:
         fully_shard(model, mesh=mesh, mp_policy=policy)
         for module in model.modules():
             if isinstance(module, FSDPModule):
-                module.set_custom_all_gather(_TimedAllGather(self._clock))
-                module.set_custom_reduce_scatter(_TimedReduceScatter(self._clock))
+                # torch types these as AllGather and ReduceScatter, ABCs it keeps private
+                # (torch.distributed.fsdp._fully_shard._fsdp_api); ours have their methods.
+                module.set_custom_all_gather(_TimedAllGather(self._clock))  # type: ignore[arg-type]
+                module.set_custom_reduce_scatter(_TimedReduceScatter(self._clock))  # type: ignore[arg-type]
         self._model = model
         self._trainable = [name for name, p in model.named_parameters() if p.requires_grad]
         adapter_name = f".{model.active_adapter}"
@@ -236,7 +241,7 @@ class FSDPWorld:
     def max(self, maxima: dict[str, float]) -> dict[str, float]:
         return self._reduced(maxima, dist.ReduceOp.MAX)
 
-    def _reduced(self, values: dict[str, float], op: dist.ReduceOp) -> dict[str, float]:
+    def _reduced(self, values: dict[str, float], op: dist.ReduceOp.RedOpType) -> dict[str, float]:
         names = sorted(values)
         reduced = self._reduce(torch.tensor([values[n] for n in names], dtype=torch.float64), op)
         return dict(zip(names, reduced.tolist(), strict=True))
@@ -247,7 +252,7 @@ class FSDPWorld:
             full = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
             return float(full)
 
-    def _reduce(self, values: torch.Tensor, op: dist.ReduceOp) -> torch.Tensor:
+    def _reduce(self, values: torch.Tensor, op: dist.ReduceOp.RedOpType) -> torch.Tensor:
         with self._clock.timing():
             dist.all_reduce(values, op=op, group=self.control)
         return values
@@ -274,7 +279,9 @@ class FSDPWorld:
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
         with self._clock.timing():
             # broadcast_from_rank0 rewrites the dict it is given: a fresh one each time.
-            adapter = {self._saved_keys[k]: v for k, v in state.adapter.items()} if state is not None else {}
+            adapter: dict[str, ValueType] = (
+                {self._saved_keys[k]: v for k, v in state.adapter.items()} if state is not None else {}
+            )
             set_model_state_dict(self._model, adapter, options=options)
             fresh = new_optimizer()
             if not fresh_optimizer:
@@ -302,7 +309,8 @@ class FSDPWorld:
         self._end()
         if not self.is_leader:
             return None
-        adapter = {name: model_state[name] for name in self._trainable}  # not the tied lm_head alias
+        # Not the tied lm_head alias; a full state dict holds plain tensors.
+        adapter = {name: cast(torch.Tensor, model_state[name]) for name in self._trainable}
         optimizer_state = optimizer_by_index(moments, self._trainable) if moments else optimizer.state_dict()
         return lambda folder: loaded.write(folder, optimizer_state, model_state=adapter)
 

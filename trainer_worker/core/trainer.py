@@ -26,7 +26,14 @@ from trainer_worker.core import checkpoints
 from trainer_worker.core.attention import ATTENTION
 from trainer_worker.core.batch import PreparedBatch, prepare_batch
 from trainer_worker.core.forward import per_token_logps
-from trainer_worker.core.lora import LoadedModel, LoraSettings, TrainingState, resolve_dtype, setup_model
+from trainer_worker.core.lora import (
+    DEFAULT_LORA_TARGETS,
+    LoadedModel,
+    LoraSettings,
+    TrainingState,
+    resolve_dtype,
+    setup_model,
+)
 from trainer_worker.core.loss import LossConfig, LossInputs, compute_loss, loss_config_from_train_config
 from trainer_worker.core.packing import MicroBatch, PackingMode, TrainSequence, build_microbatches
 from trainer_worker.core.tokenize import tokenize_trajectory
@@ -85,7 +92,7 @@ class Trainer:
     ) -> None:
         if max_tokens_per_microbatch < 1:
             raise ValueError(f"max_tokens_per_microbatch must be >= 1, got {max_tokens_per_microbatch}")
-        lora = LoraSettings(r=lora_r, alpha=lora_alpha, **({"targets": tuple(lora_targets)} if lora_targets else {}))
+        lora = LoraSettings(r=lora_r, alpha=lora_alpha, targets=tuple(lora_targets or DEFAULT_LORA_TARGETS))
         self.base_model_path = base_model_path
         self.checkpoint_root = Path(checkpoint_root)
         self.max_tokens_per_microbatch = max_tokens_per_microbatch

@@ -141,7 +141,7 @@ class SingleProcess:
             raise RuntimeError("one process loads the state it read itself; got none")
         loaded.set_adapter_state(state.adapter)
         optimizer = new_optimizer()
-        if not fresh_optimizer:
+        if not fresh_optimizer and state.optimizer is not None:  # not fresh: it has moments
             optimizer.load_state_dict(state.optimizer)
         return optimizer
 

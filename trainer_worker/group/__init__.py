@@ -5,3 +5,5 @@
     rank       one rank: rank 0 serves the child's calls, the others follow it
     launch     torchrun's command line, a torchrun that ends with its parent, other nodes' loop
 """
+
+__all__: list[str] = []  # a map of the package; import its modules

@@ -149,6 +149,7 @@ class GroupTrainer:
         if self._conn is None or self._proc is None or self._proc.poll() is not None:
             self._restart("the group had stopped since the last call")
         conn, proc = self._conn, self._proc
+        assert conn is not None and proc is not None  # _restart started the group or raised
         refused: Exception | None = None
         try:
             send_frame(conn, msgspec.msgpack.encode(call))

@@ -25,7 +25,6 @@ import argparse
 import logging
 import os
 import socket
-import sys
 import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, NoReturn
@@ -52,6 +51,8 @@ if TYPE_CHECKING:
 
     from trainer_worker.core.fsdp import FSDPWorld
     from trainer_worker.core.trainer import Trainer
+
+__all__ = ["AGREED_ERRORS", "Leader", "broadcast_bytes", "check_same_spec", "follow", "main"]
 
 log = logging.getLogger("trainer_worker.group")
 
@@ -251,4 +252,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

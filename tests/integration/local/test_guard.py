@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from producer.local_backend import _GUARD_MAIN
+from producer._stack_guard import GUARD_MAIN
 
 
 def group_members(pgid: int) -> list[int]:
@@ -33,7 +33,7 @@ def test_sigterm_stops_the_service_and_what_it_left_behind() -> None:
         "signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))\n"
         "time.sleep(300)\n"
     )
-    guard = subprocess.Popen([sys.executable, "-c", _GUARD_MAIN, sys.executable, "-c", service], start_new_session=True)
+    guard = subprocess.Popen([sys.executable, "-c", GUARD_MAIN, sys.executable, "-c", service], start_new_session=True)
     deadline = time.monotonic() + 20
     while len(group_members(guard.pid)) < 3 and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -49,6 +49,6 @@ def test_sigterm_stops_the_service_and_what_it_left_behind() -> None:
 
 
 def test_the_guard_exits_with_the_service_code() -> None:
-    done = subprocess.run([sys.executable, "-c", _GUARD_MAIN, sys.executable, "-c", "raise SystemExit(3)"])
+    done = subprocess.run([sys.executable, "-c", GUARD_MAIN, sys.executable, "-c", "raise SystemExit(3)"])
     assert done.returncode == 3
     assert os.getpgid(0)  # the test process itself was not touched

@@ -1,62 +1,46 @@
-"""The wire contract: every record that crosses a process boundary.
-
-All three packages import this module; it imports only msgspec and the
-standard library. Records evolve by msgspec's schema-evolution rules: a new
-field gets a default and goes last, no field is ever reordered or renamed, and
-a field's type only ever widens, so that readers accept what older writers
-sent. Nothing here is ever pickled.
+"""The rollout records: what a sampler produced (``Choice``), one rollout (``Trajectory``) and a group of them.
 
 A train job's groups are encoded by ``producer.validation.encode_groups`` (the
 one place that writes them) and decoded by a plain
 ``msgspec.msgpack.Decoder(list[TrajectoryGroup])``.
 
-The rollout records (``Choice``, ``Trajectory``, ``TrajectoryGroup``) also take
-the forms OpenPipe ART's code builds (see README, "Coming from ART"): an
-``openai`` chat choice where a ``Choice`` goes, a message dict as a choice's
-``message``, a group built from rollouts still to be awaited, int and bool
-metrics. Their ``__post_init__`` turns those into the records below; it runs on
-every decode too, so it stays a few type checks for records already in shape.
+These records also take the forms OpenPipe ART's code builds (see README,
+"Coming from ART"): an ``openai`` chat choice where a ``Choice`` goes, a message
+dict as a choice's ``message``, a group built from rollouts still to be awaited,
+int and bool metrics. Their ``__post_init__`` turns those into the records
+below; it runs on every decode too, so it stays a few type checks for records
+already in shape.
 """
 
 from __future__ import annotations
 
 import contextlib
-import enum
 import inspect
-import math
 import time
 import traceback
 from collections.abc import AsyncIterator, Generator, Iterator, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 
 from producer import _float32
-from producer.names import inference_name, validate_name
 
 __all__ = [
     "SAMPLER_FIELD",
-    "CheckpointEvent",
     "Choice",
     "ChoiceMessage",
     "ExceptionInfo",
-    "JobOutcome",
-    "JobStatus",
-    "LocalTrainResult",
-    "ModelRef",
-    "QueueTrainResult",
-    "TrainConfig",
-    "TrainRequest",
-    "TrainResult",
+    "MessageOrChoice",
     "Trajectory",
     "TrajectoryGroup",
+    "as_float_metrics",
+    "as_messages_and_choices",
+    "choice_as_message",
 ]
 
 SAMPLER_FIELD = "trainq_sampler"
 """What trainq's inference worker adds to each choice of a completion: ``{"model", "temperature",
 "prompt_token_ids"}`` of the request (``inference_worker/request_defaults.py``; read by ``Choice.from_openai``)."""
-
-# --------------------------------------------------------------------------- data
 
 # The records a payload holds by the thousand are not tracked by Python's cycle
 # collector (``gc=False``): decoding a 1 MB job took ~1.2 ms (15%) less on the
@@ -336,205 +320,3 @@ def choice_as_message(choice: Choice | Any) -> dict[str, Any]:
     if choice.message.tool_calls:
         message["tool_calls"] = choice.message.tool_calls
     return message
-
-
-# ------------------------------------------------------------------------- config
-
-
-ImportanceSamplingLevel = Literal["token", "sequence", "average", "geometric_average"]
-IMPORTANCE_SAMPLING_LEVELS: tuple[str, ...] = ("token", "sequence", "average", "geometric_average")
-
-
-class TrainConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
-    """How one train step is run. Every field is a keyword of ``backend.train``.
-
-    Values are checked at construction, on the producer, before anything is
-    queued: a bad one is a ``ValueError`` naming it.
-    """
-
-    learning_rate: float = 5e-6
-    """AdamW learning rate of the LoRA parameters; > 0."""
-    beta: float = 0.0
-    """Weight of the k3 KL penalty to the base model (adapter disabled); >= 0, 0 skips it."""
-    ppo: bool = False
-    """PPO clipped surrogate when true; CISPO-style clipped-weight policy gradient otherwise."""
-    epsilon: float | None = None
-    """Lower clip range; default 0.2 for PPO; for CISPO a lower bound of the weight (1 - epsilon) if given."""
-    epsilon_high: float | None = None
-    """Upper clip range; defaults to ``epsilon`` for PPO and to 0.28 for CISPO (see the README)."""
-    scale_rewards: bool = True
-    """Divide group-relative advantages by the group's reward std (+1e-6)."""
-    importance_sampling_level: ImportanceSamplingLevel = "token"
-    """Importance ratio per token, per sequence (geometric mean, GSPO), or their arithmetic or geometric average."""
-    max_staleness: int | None = None
-    """Drop groups sampled more than this many steps before the latest; None keeps all."""
-    allow_training_without_logprobs: bool = False
-    """Accept choices without sampler logprobs, using the trainer's own (ratio 1)."""
-    advantage_balance: float = 0.0
-    """In [-1, 1]: positive advantages weigh ``1 + b``, negative ones ``1 - b`` (1 trains only on positive)."""
-    max_negative_advantage_importance_sampling_weight: float | None = None
-    """Cap of the importance ratio of tokens with a negative advantage; > 0."""
-    mask_prob_ratio: bool = False
-    """Drop the tokens whose ratio is outside the clip range from the loss, instead of clipping them."""
-    truncated_importance_sampling: float | None = None
-    """Weigh each token by ``min(pi_trainer / pi_sampler, value)``, detached, and take the policy
-    ratio against the trainer's own log-probabilities: truncated importance sampling (Yao et al. 2025)
-    against the training-inference mismatch; >= 1."""
-    scale_learning_rate_by_reward_std_dev: bool = False
-    """Multiply the learning rate by the step's mean within-group reward standard deviation."""
-    num_trajectories_learning_rate_multiplier_power: float = 0.0
-    """Multiply the learning rate by (trajectories trained) ** power; 0 leaves it as it is."""
-    kimi_k2_tau: float | None = None
-    """Subtract ``tau * (log pi_trainer - log pi_sampler)`` (detached) from each token's advantage (Kimi K2)."""
-
-    def __post_init__(self) -> None:
-        _check(_finite(self.learning_rate) and self.learning_rate > 0, "learning_rate", "a finite number > 0", self.learning_rate)
-        _check(_finite(self.beta) and self.beta >= 0, "beta", "a finite number >= 0", self.beta)
-        for field in ("epsilon", "epsilon_high", "max_negative_advantage_importance_sampling_weight"):
-            value = getattr(self, field)
-            _check(value is None or (_finite(value) and value > 0), field, "None or a finite number > 0", value)
-        for field in ("ppo", "scale_rewards", "allow_training_without_logprobs", "mask_prob_ratio",
-                      "scale_learning_rate_by_reward_std_dev"):
-            _check(isinstance(getattr(self, field), bool), field, "True or False", getattr(self, field))
-        _check(self.importance_sampling_level in IMPORTANCE_SAMPLING_LEVELS, "importance_sampling_level",
-               f"one of {', '.join(map(repr, IMPORTANCE_SAMPLING_LEVELS))}", self.importance_sampling_level)
-        _check(self.max_staleness is None or (_is_int(self.max_staleness) and self.max_staleness >= 0),
-               "max_staleness", "None or an int >= 0", self.max_staleness)
-        _check(_finite(self.advantage_balance) and -1.0 <= self.advantage_balance <= 1.0, "advantage_balance",
-               "a number in [-1, 1]", self.advantage_balance)
-        _check(self.truncated_importance_sampling is None
-               or (_finite(self.truncated_importance_sampling) and self.truncated_importance_sampling >= 1.0),
-               "truncated_importance_sampling", "None or a finite number >= 1", self.truncated_importance_sampling)
-        _check(_finite(self.num_trajectories_learning_rate_multiplier_power),
-               "num_trajectories_learning_rate_multiplier_power", "a finite number",
-               self.num_trajectories_learning_rate_multiplier_power)
-        _check(self.kimi_k2_tau is None or (_finite(self.kimi_k2_tau) and self.kimi_k2_tau >= 0), "kimi_k2_tau",
-               "None or a finite number >= 0", self.kimi_k2_tau)
-
-
-def _finite(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check(ok: bool, field: str, expected: str, value: object) -> None:
-    if not ok:
-        raise ValueError(f"{field} must be {expected}, got {value!r}")
-
-
-# ------------------------------------------------------------------------ results
-
-
-class TrainResult(msgspec.Struct, kw_only=True):
-    """What a train call returns: the new step and the step's metrics."""
-
-    step: int
-    metrics: dict[str, float] = msgspec.field(default_factory=dict)
-
-
-class LocalTrainResult(TrainResult, kw_only=True):
-    """A train result with the new step's checkpoint folder (ART's ``art.types.LocalTrainResult``)."""
-
-    checkpoint_path: str | None = None
-
-
-class QueueTrainResult(LocalTrainResult, kw_only=True):
-    """A train result of a job that went through the queue: also its id and where its time went."""
-
-    job_id: str
-    queued_s: float = 0.0
-    """Seconds between submission and the worker starting the job."""
-    train_s: float = 0.0
-    """Seconds the worker spent on the job."""
-
-
-# --------------------------------------------------------------------------- wire
-
-
-class ModelRef(msgspec.Struct, kw_only=True, frozen=True):
-    """Which trainable model a job is for. Names are checked by ``validate``."""
-
-    project: str
-    name: str
-    base_model: str
-
-    def validate(self) -> ModelRef:
-        validate_name(self.project, "project")
-        validate_name(self.name, "model name")
-        if not self.base_model:
-            raise ValueError("base_model must not be empty")
-        return self
-
-    @property
-    def key(self) -> str:
-        """``project/name``: the model's identity in metrics labels and logs."""
-        return f"{self.project}/{self.name}"
-
-
-JobKind = Literal["train", "register", "delete_checkpoints"]
-
-
-class TrainRequest(msgspec.Struct, kw_only=True, frozen=True):
-    """The Celery message of a job; small. The groups travel separately (claim check).
-
-    ``payload_key`` names the Redis key holding the msgpack of
-    ``list[TrajectoryGroup]`` (train jobs only); ``keep_steps`` is for
-    ``delete_checkpoints`` jobs.
-    """
-
-    job_id: str
-    kind: JobKind
-    model: ModelRef
-    config: TrainConfig = TrainConfig()
-    payload_key: str | None = None
-    payload_bytes: int = 0
-    submitted_at: float = 0.0
-    keep_steps: list[int] = msgspec.field(default_factory=list)
-
-
-class JobStatus(str, enum.Enum):
-    """Where a job is in its life. Terminal states never change again."""
-
-    QUEUED = "queued"  # in the broker, not yet taken by a worker; may be cancelled
-    RUNNING = "running"  # a worker has started it (it is redelivered if the worker dies)
-    SUCCEEDED = "succeeded"  # terminal: result recorded, its step exists on disk
-    FAILED = "failed"  # terminal: error recorded; the job made no step
-    CANCELLED = "cancelled"  # terminal: cancelled while queued; never ran
-
-    @property
-    def is_terminal(self) -> bool:
-        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
-
-
-class JobOutcome(msgspec.Struct, kw_only=True):
-    """What the worker records when a job ends well."""
-
-    step: int
-    metrics: dict[str, float] = msgspec.field(default_factory=dict)
-    checkpoint_path: str | None = None
-    train_s: float = 0.0
-    deleted_steps: list[int] = msgspec.field(default_factory=list)
-    """Steps a ``delete_checkpoints`` job removed."""
-
-
-CheckpointEventKind = Literal["saved", "deleted"]
-
-
-class CheckpointEvent(msgspec.Struct, kw_only=True, frozen=True):
-    """One entry of the ``trainq:checkpoints`` stream (fields are stored as strings)."""
-
-    kind: CheckpointEventKind
-    project: str
-    model: str
-    step: int
-    path: str
-    job_id: str = ""
-    base_model: str = ""
-    created_at: float = 0.0
-
-    @property
-    def inference_name(self) -> str:
-        return inference_name(self.model, self.step)
