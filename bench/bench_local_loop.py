@@ -119,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
 # The train call's phases, in the order they happen.
 TRAINER_PHASES = ("time_prepare_s", "time_load_s", "time_forward_backward_s", "time_optimizer_s",
                   "checkpoint_save_s")
+# The work a train call did (its tokens, prompts included): equal in both loops for a like-for-like ratio.
+WORK = ("num_sequence_tokens",)
 STACK_PHASES = ("submit_s", "queue_s", "worker_s", "served_s", "log_s")
 
 
@@ -141,7 +143,7 @@ class StepTime:
 
 def print_steps(title: str, steps: list[StepTime]) -> None:
     print(f"\n{title}")
-    names = [n for n in (*STACK_PHASES, *TRAINER_PHASES) if any(n in s.phases for s in steps)]
+    names = [n for n in (*STACK_PHASES, *TRAINER_PHASES, *WORK) if any(n in s.phases for s in steps)]
     header = ["step", "reward", "groups", "sample s", "train s", "total s", *[n.removesuffix("_s") for n in names]]
     rows = [[s.step, f"{s.reward:.3f}", s.trainable_groups, f"{s.sample_s:.2f}", f"{s.train_s:.2f}",
              f"{s.total_s:.2f}", *[f"{s.phases.get(n, 0.0):.2f}" for n in names]] for s in steps]
@@ -174,7 +176,7 @@ def compare(in_process: list[StepTime], serial: list[StepTime], pipelined: list[
               "rerun with a lower --learning-rate or more --steps)")
     rows = [[phase.removesuffix("_s"), f"{mean(a, phase):.2f}", f"{mean(b, phase):.2f}",
              f"{mean(b, phase) / mean(a, phase):.2f}x" if mean(a, phase) else "-"]
-            for phase in ("sample_s", "train_s", "total_s", *TRAINER_PHASES)]
+            for phase in ("sample_s", "train_s", "total_s", *TRAINER_PHASES, *WORK)]
     rows += [[phase.removesuffix("_s"), "-", f"{mean(b, phase):.2f}", "-"] for phase in STACK_PHASES]
     print_table(["phase", "in process", "stack", "ratio"], rows)
     train_ratio = mean(b, "train_s") / mean(a, "train_s")
@@ -229,7 +231,7 @@ def run_in_process(example, args: argparse.Namespace) -> list[StepTime]:  # noqa
 
 
 def _trainer_phases(metrics: dict[str, float]) -> dict[str, float]:
-    return {name: metrics[name] for name in TRAINER_PHASES if name in metrics}
+    return {name: metrics[name] for name in (*TRAINER_PHASES, *WORK) if name in metrics}
 
 
 async def run_through_stack(example, args: argparse.Namespace) -> tuple[list[StepTime], list[StepTime]]:  # noqa: ANN001
