@@ -109,6 +109,7 @@ class Config:
 @dataclass
 class StepRecord:
     step: int
+    sampled_at: int
     reward: float
     loss: float | None
     seconds: float
@@ -151,8 +152,8 @@ async def _loop(
         now = time.monotonic()
         records.append(
             StepRecord(
-                # The reward was earned by the adapter that sampled: step `sampled_step`, trained into `result.step`.
-                step=step.sampled_step,
+                step=len(records),  # the n-th train call of this run
+                sampled_at=step.sampled_step,  # the adapter that earned the reward (n - 1 pipelined, n serial)
                 reward=logged["reward"],
                 loss=result.metrics.get("loss"),
                 seconds=now - started,
@@ -165,7 +166,7 @@ async def _loop(
         )
         started = now
         print(
-            f"step {step.sampled_step:>2}: reward {logged['reward']:.3f}  "
+            f"step {records[-1].step:>2} (sampled @{step.sampled_step}): reward {logged['reward']:.3f}  "
             f"loss {result.metrics.get('loss', float('nan')):+.4f}  ({records[-1].seconds:.1f} s)",
             flush=True,
         )

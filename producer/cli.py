@@ -57,8 +57,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     minutes = (time.monotonic() - started) / 60
     print()
     print(_table(
-        ["step", "reward", "loss", "seconds"],
-        [[r.step, f"{r.reward:.3f}", "-" if r.loss is None else f"{r.loss:+.4f}", f"{r.seconds:.1f}"] for r in records],
+        ["step", "sampled at", "reward", "loss", "seconds"],
+        [[r.step, r.sampled_at, f"{r.reward:.3f}", "-" if r.loss is None else f"{r.loss:+.4f}", f"{r.seconds:.1f}"] for r in records],
     ))
     reached = next((r.step for r in records if r.reward >= 0.9), None)
     per_step = sum(r.seconds for r in records) / max(1, len(records)) / 60
