@@ -87,9 +87,7 @@ def resolve_dtype(dtype: str) -> str | None:
     """The ``--dtype`` to start vLLM with, or None for vLLM's own choice (see ``InferenceSettings.dtype``)."""
     if dtype != "auto":
         return dtype
-    if vllm_builds_for_cpu() and not cpu_has_bfloat16_arithmetic():
-        return "float32"
-    return None
+    return "float32" if vllm_builds_for_cpu() else None
 
 
 def vllm_builds_for_cpu() -> bool:
@@ -105,16 +103,6 @@ def vllm_builds_for_cpu() -> bool:
         return "cpu" in importlib.metadata.version("vllm")  # a source build's local label, e.g. 0.32.0+cpu
     except importlib.metadata.PackageNotFoundError:
         return False
-
-
-def cpu_has_bfloat16_arithmetic(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """Whether the CPU multiplies bfloat16 natively (AVX512-BF16 or AMX-BF16); False where it cannot be read."""
-    try:
-        with open(cpuinfo) as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def vllm_env(settings: InferenceSettings) -> dict[str, str]:

@@ -1,9 +1,8 @@
 """The trainer scores what the sampler saw and produced: measured on the real stack, first job of a fresh model.
 
-The inference worker's vLLM samples in float32 on a CPU without bfloat16
-arithmetic and in bfloat16 with float32 logits elsewhere; the trainer scores
-in float32, on the sampler's own prompt and sampled token ids, at the
-temperature each turn was sampled at. The job's metrics compare its
+The inference worker's vLLM samples in float32 on the CPU, as the trainer
+trains; the trainer scores each turn on the sampler's own prompt and sampled
+token ids, at the temperature it was sampled at. The job's metrics compare its
 log-probabilities with the sampler's before the update: they must agree to
 the precision of the two kernels, for single-turn, multi-turn and
 tool-calling conversations, at T=1 and T=0.7, and every trained token must

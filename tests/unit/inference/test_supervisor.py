@@ -9,7 +9,7 @@ import pytest
 
 from inference_worker import supervisor
 from inference_worker.settings import InferenceSettings
-from inference_worker.supervisor import cpu_has_bfloat16_arithmetic, vllm_command, vllm_env
+from inference_worker.supervisor import vllm_command, vllm_env
 from inference_worker.vllm_flags import KERNEL_CACHE, VLLMPluginFlag
 
 COMMON = {"redis_url": "redis://127.0.0.1:1/0", "base_model": "m", "checkpoint_root": "/tmp"}
@@ -55,35 +55,20 @@ def test_the_command_without_lora_leaves_every_lora_flag_out() -> None:
     assert without == with_lora[: with_lora.index("--enable-lora")]
 
 
-def _flags(path, flags: str):
-    path.write_text(f"processor\t: 0\nflags\t\t: fpu sse2 avx2 {flags}\n")
-    return path
-
-
-def test_bfloat16_arithmetic_is_read_from_the_cpus_flags(tmp_path) -> None:
-    assert not cpu_has_bfloat16_arithmetic(str(_flags(tmp_path / "a", "fma")))
-    assert cpu_has_bfloat16_arithmetic(str(_flags(tmp_path / "b", "avx512f avx512_bf16")))
-    assert cpu_has_bfloat16_arithmetic(str(_flags(tmp_path / "c", "amx_tile amx_bf16")))
-    assert not cpu_has_bfloat16_arithmetic(str(tmp_path / "missing"))
-
-
-@pytest.mark.parametrize(("cpu_build", "bf16", "expected"), [
-    (True, False, "float32"),  # torch would emulate bfloat16 matmuls: float32 is faster and scores as the trainer
-    (True, True, None),
-    (False, False, None),  # a GPU build: vLLM's own choice
+@pytest.mark.parametrize(("cpu_build", "expected"), [
+    (True, "float32"),  # the trainer's own dtype on the CPU: the sampler's logprobs are the trainer's
+    (False, None),  # a GPU build: vLLM's own choice
 ])
-def test_auto_dtype_is_float32_only_on_vllm_cpu_without_bfloat16_arithmetic(
-    cpu_build: bool, bf16: bool, expected: str | None, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_auto_dtype_is_float32_on_vllm_cpu(cpu_build: bool, expected: str | None,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(supervisor, "vllm_builds_for_cpu", lambda: cpu_build)
-    monkeypatch.setattr(supervisor, "cpu_has_bfloat16_arithmetic", lambda: bf16)
     command = vllm_command(InferenceSettings(**COMMON), "/m")
     dtype = command[command.index("--dtype") + 1] if "--dtype" in command else None
     assert dtype == expected
-    # float32 logits are asked for only where the model's own dtype is narrower
+    # float32 logits are asked for only where the model's own dtype may be narrower
     assert ("--hf-overrides" in command) == (expected != "float32")
     explicit = vllm_command(InferenceSettings(**COMMON, dtype="bfloat16"), "/m")
-    assert explicit[explicit.index("--dtype") + 1] == "bfloat16"
+    assert explicit[explicit.index("--dtype") + 1] == "bfloat16" and "--hf-overrides" in explicit
 
 
 def test_this_vllm_is_recognised_as_the_cpu_build() -> None:
