@@ -120,8 +120,7 @@ class LocalBackend(QueueBackend):
             device=device,
             cache_dir=cache_dir,
             inference_args=_with_defaults(inference_args, CPU_INFERENCE_DEFAULTS if device == "cpu" else {}),
-            # On the CPU, vLLM computes on the trainer's CPUs: its OpenMP threads sleep rather than spin.
-            trainer_args=_with_defaults(trainer_args, {"--openmp-wait": "passive"} if device == "cpu" else {}),
+            trainer_args=list(trainer_args or []),
         )
         self.startup_timeout = startup_timeout
         self.progress = progress

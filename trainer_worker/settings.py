@@ -30,10 +30,12 @@ class TrainerSettings(ServiceSettings):
     openmp_wait: Literal["spin", "passive"] = Field(
         "spin",
         description="How the training process's OpenMP threads wait between parallel regions: spin (briefly, "
-        "GOMP_SPINCOUNT=10000) where the trainer has its CPUs to itself; passive (OMP_WAIT_POLICY=PASSIVE: sleep "
-        "at once) where something else computes on them, as vLLM does in the local stack on the CPU. Spinning "
-        "beside a busy process made a step 2.4x slower, sleeping on idle CPUs 1.5x "
-        "(bench/bench_trainer.py --compare-wait-policy). The environment's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.",
+        "GOMP_SPINCOUNT=10000) or passive (OMP_WAIT_POLICY=PASSIVE: sleep at once). Spinning made a step 1.46x "
+        "faster on idle CPUs and 2.4x slower beside a process that keeps every core busy "
+        "(bench/bench_trainer.py --compare-wait-policy); in the local CPU stack, where vLLM computes on the same "
+        "CPUs only while it samples, spin made the train call 1.04x in-process time against 1.27x passive "
+        "(bench/bench_local_loop.py --with-stack). passive: for CPUs another process keeps busy. The "
+        "environment's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.",
     )
     max_tokens_per_microbatch: int = Field(
         0,

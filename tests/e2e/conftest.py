@@ -39,8 +39,7 @@ async def inference(stack_redis_url, tiny_model, checkpoint_root, tmp_path_facto
 def trainer(inference, stack_redis_url, tiny_model, checkpoint_root, tmp_path_factory) -> Iterator[WorkerProcess]:
     """Started after the inference worker, so vLLM's slow start overlaps the trainer's."""
     worker = start_trainer_worker(
-        stack_redis_url, str(tiny_model), tmp_path_factory.mktemp("e2e-trainer"), checkpoint_root=checkpoint_root,
-        extra=["--openmp-wait", "passive"],  # vLLM computes on the same CPUs, as in LocalBackend's CPU stack
+        stack_redis_url, str(tiny_model), tmp_path_factory.mktemp("e2e-trainer"), checkpoint_root=checkpoint_root
     )
     yield worker
     worker.stop()
