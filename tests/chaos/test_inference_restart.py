@@ -45,9 +45,9 @@ async def test_a_restarted_inference_worker_serves_every_step_trained_while_it_w
             running = asyncio.create_task(backend.train(model, make_groups(2, n_trajectories=4, n_tokens=96)))
             await asyncio.sleep(0.5)
             vllm = first.vllm_pid()
-            for pid in (first.proc.pid, vllm):
-                if pid:
-                    os.kill(pid, signal.SIGKILL)
+            os.kill(first.proc.pid, signal.SIGKILL)
+            if vllm:  # vLLM's whole process group: its engine processes too, as a machine's crash would take them
+                os.killpg(vllm, signal.SIGKILL)
             for pid in (first.proc.pid, vllm):
                 if pid:
                     wait_gone(pid)
