@@ -12,7 +12,7 @@ from producer import keys
 from producer.settings import parse_settings
 from trainer_worker.settings import TrainerSettings
 
-__all__ = ["main", "resolve_in_subprocess"]
+__all__ = ["OPENMP_WAIT_ENV", "main", "resolve_in_subprocess", "set_openmp_wait"]
 
 
 def resolve_in_subprocess(base_model: str) -> str:
