@@ -64,10 +64,11 @@ def vllm_command(settings: InferenceSettings, model_path: str, *, lora: bool = T
         "--generation-config", "vllm",
         "--middleware", request_defaults.MIDDLEWARE,
     ]
-    dtype = resolve_dtype(settings.dtype)
+    on_cpu = vllm_builds_for_cpu()
+    dtype = resolve_dtype(settings.dtype, on_cpu=on_cpu)
     if dtype is not None:
         cmd += ["--dtype", dtype]
-    block_size = settings.block_size or (CPU_BLOCK_SIZE if vllm_builds_for_cpu() else None)
+    block_size = settings.block_size or (CPU_BLOCK_SIZE if on_cpu else None)
     if block_size is not None:
         cmd += ["--block-size", str(block_size)]
     if settings.float32_logits and dtype != "float32":
@@ -83,11 +84,11 @@ def vllm_command(settings: InferenceSettings, model_path: str, *, lora: bool = T
     return cmd + settings.extra_vllm_args()
 
 
-def resolve_dtype(dtype: str) -> str | None:
+def resolve_dtype(dtype: str, *, on_cpu: bool) -> str | None:
     """The ``--dtype`` to start vLLM with, or None for vLLM's own choice (see ``InferenceSettings.dtype``)."""
     if dtype != "auto":
         return dtype
-    return "float32" if vllm_builds_for_cpu() else None
+    return "float32" if on_cpu else None
 
 
 def vllm_builds_for_cpu() -> bool:
